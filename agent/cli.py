@@ -1,0 +1,173 @@
+"""The command line: node-cache's flags unchanged, readable long forms, and the agent's own.
+
+Go's flag package accepts ``-flag value``, ``-flag=value``, ``--flag value`` and bare ``-boolflag``; so does
+this parser, so an existing node-local-dns manifest runs unchanged. Heavy modules are imported only by the
+mode that needs them: ``agent --check`` runs every few seconds on every node and must stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from agent import __version__
+from agent.config import (
+    ConfigError,
+    Settings,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+    parse_local_ips,
+)
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"agent: {message}\nRun 'agent --help' for the flags.\n")
+
+
+def _flag(*names: str) -> list[str]:
+    """Every spelling of a flag: node-cache's ``-name`` and ``--name``, plus readable ``--long-forms``."""
+    spellings: list[str] = []
+    for name in names:
+        spellings += [f"-{name}", f"--{name}"] if not name.startswith("-") else [name]
+    return list(dict.fromkeys(spellings))
+
+
+def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            return convert(value, flag)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+
+    parse.__name__ = flag.lstrip("-")
+    return parse
+
+
+def _bool_flag(parser: argparse.ArgumentParser, dest: str, *names: str, help: str) -> None:
+    parser.add_argument(
+        *_flag(*names), dest=dest, nargs="?", const=True, default=None,
+        type=_typed(parse_bool, f"-{names[0]}"), metavar="BOOL", help=help,
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="agent",
+        description="Node-local DNS agent: runs CoreDNS as the node's DNS cache and fails open to kube-dns.",
+        allow_abbrev=False,
+    )
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--check", action="store_true", help="liveness probe: exit 0 if the agent is alive")
+    modes.add_argument("--teardown", action="store_true", help="remove the agent's rules and interface")
+    modes.add_argument("--print-corefile", action="store_true", help="render the Corefile to stdout")
+    modes.add_argument("--version", action="store_true", help="print the agent's and CoreDNS's versions")
+
+    node_cache = p.add_argument_group("node-cache flags (accepted unchanged)")
+    a = node_cache.add_argument
+    local_ips = _typed(lambda v, f: parse_local_ips(v), "-localip")
+    a(*_flag("localip", "--local-ip"), dest="local_ips", type=local_ips, metavar="IPS",
+      help="comma-separated local addresses (IPv4 and IPv6 may be mixed)")  # fmt: skip
+    a(*_flag("interfacename", "--interface-name"), dest="interface_name", metavar="NAME")
+    _bool_flag(p, "setup_interface", "setupinterface", "--setup-interface", help="create the interface")
+    _bool_flag(p, "setup_iptables", "setupiptables", "--setup-iptables", help="install the rules")
+    sync_interval = _typed(parse_duration, "-syncinterval")
+    a(*_flag("syncinterval", "--sync-interval"), dest="sync_interval", type=sync_interval, metavar="DURATION",
+      help="rule/address check interval (seconds or 1s/500ms)")  # fmt: skip
+    a(*_flag("metrics-listen-address"), dest="metrics_listen_address", metavar="HOST:PORT",
+      type=_typed(lambda v, f: (parse_host_port(v, f), v)[1], "-metrics-listen-address"))  # fmt: skip
+    a(*_flag("basecorefile", "--base-corefile"), dest="base_corefile", type=Path, metavar="PATH")
+    a(*_flag("corefile", "conf"), dest="corefile", type=Path, metavar="PATH",
+      help="where the rendered Corefile is written (CoreDNS's -conf is the same file)")  # fmt: skip
+    a(*_flag("kubednscm", "--kubedns-configmap-dir"), dest="kubedns_configmap_dir", type=Path, metavar="DIR")
+    a(*_flag("upstreamsvc", "--upstream-svc"), dest="upstream_svc", metavar="SERVICE")
+    a(*_flag("health-port"), dest="health_port", type=int, metavar="PORT")
+    _bool_flag(p, "skip_teardown", "skipteardown", "--skip-teardown", help="leave networking on exit")
+    _bool_flag(p, "reload_with_signal", "reloadwithsignal", "--reload-with-signal",
+               help="accepted for compatibility: the agent always reloads CoreDNS with SIGUSR1")  # fmt: skip
+    a(*_flag("pidfile"), dest="pidfile", type=Path, metavar="PATH", help="CoreDNS's pidfile")
+    a(*_flag("dns.port", "--dns-port"), dest="dns_port", type=int, metavar="PORT")
+
+    ours = p.add_argument_group("agent flags")
+    b = ours.add_argument
+    b("--coredns-binary", dest="coredns_binary", metavar="PATH")
+    b("--iptables-mode", dest="iptables_mode", choices=["auto", "legacy", "nft"])
+    b("--kubeconfig", dest="kubeconfig", type=Path, metavar="PATH")
+    b("--kubedns-configmap-api", dest="kubedns_configmap_api", metavar="NAMESPACE/NAME",
+      help="read the kube-dns ConfigMap through the Kubernetes API (e.g. kube-system/kube-dns)")  # fmt: skip
+    cluster_ip = _typed(lambda v, f: parse_local_ips(v)[0], "--cluster-dns-ip")
+    b("--cluster-dns-ip", dest="cluster_dns_ip", type=cluster_ip, metavar="IP",
+      help="the kube-dns-upstream ClusterIP (default: from -upstreamsvc's environment)")  # fmt: skip
+    b("--cluster-domain", dest="cluster_domain", metavar="DOMAIN")
+    b("--resolv-conf", dest="resolv_conf", type=Path, metavar="PATH")
+    b("--status-file", dest="status_file", type=Path, metavar="PATH")
+    b(
+        "--check-max-age",
+        dest="check_max_age",
+        type=_typed(parse_duration, "--check-max-age"),
+        metavar="DURATION",
+    )
+    b("--xtables-lock", dest="xtables_lock", type=Path, metavar="PATH")
+    b(
+        "--xtables-wait",
+        dest="xtables_wait",
+        type=_typed(parse_duration, "--xtables-wait"),
+        metavar="DURATION",
+    )
+    b("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Settings from parsed flags; flags not given keep the dataclass defaults."""
+    given = {k: v for k, v in vars(ns).items() if v is not None and k not in _MODES}
+    if "kubedns_configmap_dir" not in given and Path("/etc/kube-dns").is_dir():
+        given["kubedns_configmap_dir"] = Path("/etc/kube-dns")  # node-cache's default when it exists
+    return Settings(**given)
+
+
+_MODES = {"check", "teardown", "print_corefile", "version"}
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
+    parser = build_parser()
+    ns = parser.parse_args(list(argv))
+    try:
+        return ns, settings_from_args(ns)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns, settings = parse(sys.argv[1:] if argv is None else argv)
+    if ns.check:
+        from agent.check import check
+
+        return check(settings)
+    if ns.version:
+        from agent.coredns import coredns_version
+
+        print(f"node-local-dns-agent {__version__}")
+        print(coredns_version(settings.coredns_binary))
+        return 0
+    if ns.print_corefile:
+        from agent.corefile import print_corefile
+
+        return print_corefile(settings)
+    if ns.teardown:
+        from agent.teardown import teardown
+
+        return teardown(settings)
+    from agent.supervisor import run_agent
+
+    return run_agent(settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The agent's settings: one frozen dataclass, validated once, with node-cache's defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IptablesMode = Literal["auto", "legacy", "nft"]
+LogFormat = Literal["auto", "json", "console"]
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    """A setting or an input is invalid; the message names it and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent is told at start. Durations are in seconds, sizes in bytes."""
+
+    # The addresses CoreDNS serves on: the link-local address and, in iptables mode, the kube-dns ClusterIP.
+    # IPv4 and IPv6 may be mixed (node-cache allows one family only).
+    local_ips: tuple[IPAddress, ...] = ()
+    interface_name: str = "nodelocaldns"
+    setup_interface: bool = True
+    setup_iptables: bool = True
+    # How often rules and addresses are checked when no kernel notification arrived first. node-cache checks
+    # every 60 s; a cheap in-process check makes 1 s affordable.
+    sync_interval: float = 1.0
+    metrics_listen_address: str = "0.0.0.0:9353"
+    base_corefile: Path = Path("/etc/coredns/Corefile.base")
+    # Where the rendered Corefile is written (node-cache's -corefile; CoreDNS's -conf names the same file).
+    corefile: Path = Path("/etc/Corefile")
+    # The kube-dns ConfigMap mounted as a directory; None when there is none.
+    kubedns_configmap_dir: Path | None = None
+    # The kube-dns ConfigMap read through the Kubernetes API ("namespace/name"); None to not use the API.
+    kubedns_configmap_api: str | None = None
+    kubeconfig: Path | None = None
+    # The Service whose ClusterIP the cluster zones are forwarded to (its *_SERVICE_HOST variable).
+    upstream_svc: str = "kube-dns-upstream"
+    cluster_dns_ip: IPAddress | None = None
+    cluster_domain: str = "cluster.local"
+    health_port: int = 8080
+    dns_port: int = 53
+    skip_teardown: bool = False
+    reload_with_signal: bool = False
+    pidfile: Path | None = None
+    coredns_binary: str = "coredns"
+    iptables_mode: IptablesMode = "auto"
+    # The node's resolver configuration, for upstream servers when the ConfigMap names none.
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    # Where the agent records its loop's progress for `agent --check`.
+    status_file: Path = Path("/run/node-local-dns/status.json")
+    # `agent --check` fails when the loop made no progress for this long. 10 s: far above the loop's 1 s
+    # tick, far below the kubelet's default liveness window (3 failures x 10 s period).
+    check_max_age: float = 10.0
+    # The xtables lock kube-proxy and iptables-legacy share, and how long one attempt may wait for it.
+    xtables_lock: Path = Path("/run/xtables.lock")
+    xtables_wait: float = 2.0
+    log_format: LogFormat = "auto"
+
+    def __post_init__(self) -> None:
+        if len(set(self.local_ips)) != len(self.local_ips):
+            raise ConfigError(f"-localip: duplicate address in {','.join(map(str, self.local_ips))}")
+        if not _IFNAME.match(self.interface_name):
+            raise ConfigError(
+                f"-interfacename: {self.interface_name!r} is not a valid interface name "
+                "(1-15 characters: letters, digits, '_', '.', '-')"
+            )
+        if not 0.05 <= self.sync_interval <= 3600:
+            raise ConfigError(f"-syncinterval: {self.sync_interval}s is outside 0.05s..3600s")
+        for name, port in (("-health-port", self.health_port), ("-dns.port", self.dns_port)):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{name}: {port} is not a port number (1-65535)")
+        if self.health_port == self.dns_port:
+            raise ConfigError(f"-health-port: {self.health_port} is also the DNS port")
+        parse_host_port(self.metrics_listen_address, "-metrics-listen-address")
+        if self.check_max_age <= 0:
+            raise ConfigError(f"--check-max-age: {self.check_max_age}s must be positive")
+        if self.kubedns_configmap_api is not None and self.kubedns_configmap_api.count("/") != 1:
+            raise ConfigError(
+                f"--kubedns-configmap-api: {self.kubedns_configmap_api!r} is not NAMESPACE/NAME"
+            )
+
+    def require_local_ips(self) -> tuple[IPAddress, ...]:
+        if not self.local_ips:
+            raise ConfigError("-localip: no local address given (e.g. -localip 169.254.20.10,10.96.0.10)")
+        return self.local_ips
+
+
+def parse_local_ips(value: str) -> tuple[IPAddress, ...]:
+    """``-localip``: comma-separated addresses, IPv4 and IPv6 mixed."""
+    ips: list[IPAddress] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        try:
+            ips.append(ipaddress.ip_address(part))
+        except ValueError:
+            raise ConfigError(f"-localip: {part!r} is not an IP address") from None
+    if not ips:
+        raise ConfigError(f"-localip: {value!r} holds no address")
+    return tuple(ips)
+
+
+def parse_duration(value: str, flag: str) -> float:
+    """A Go-style duration ("1s", "500ms", "1m30s") or a plain number of seconds (node-cache's style)."""
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ConfigError(f"{flag}: {value!r} is not a duration (e.g. 60, 1s, 500ms)")
+    return total
+
+
+def parse_bool(value: str, flag: str) -> bool:
+    """Go's strconv.ParseBool spellings."""
+    text = value.strip()
+    if text in {"1", "t", "T", "true", "TRUE", "True"}:
+        return True
+    if text in {"0", "f", "F", "false", "FALSE", "False"}:
+        return False
+    raise ConfigError(f"{flag}: {value!r} is not a boolean (true or false)")
+
+
+def parse_host_port(value: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; an empty host means every address."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{flag}: {value!r} is not HOST:PORT")
+    host = host.strip("[]")
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{flag}: {host!r} is not an IP address") from None
+    return host, int(port_text)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One-command setup for a fresh machine: host tools, CoreDNS at the pinned release, the virtual environment.
+# Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+COREDNS_VERSION="$(cat image/coredns.version)"
+COREDNS_BIN=/usr/local/bin/coredns
+COREDNS_CACHE="${COREDNS_CACHE:-/var/cache/node-local-dns-agent/coredns-${COREDNS_VERSION}}"
+VENV="${VENV:-.venv}"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# 1. Debian packages the agent and the tests use.
+packages=(iptables nftables iproute2 conntrack dnsutils dnsperf procps psmisc libc-bin)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+# 2. CoreDNS from the upstream Go module at the pinned release, cached.
+want="CoreDNS-${COREDNS_VERSION#v}"
+if [ -x "$COREDNS_BIN" ] && "$COREDNS_BIN" -version 2>/dev/null | grep -qx "$want"; then
+  log "coredns ${COREDNS_VERSION} present at ${COREDNS_BIN}"
+else
+  if [ ! -x "$COREDNS_CACHE/coredns" ]; then
+    command -v go >/dev/null || { echo "setup: the Go toolchain is needed to build CoreDNS" >&2; exit 1; }
+    log "building coredns ${COREDNS_VERSION} from its Go module (several minutes the first time)"
+    mkdir -p "$COREDNS_CACHE"
+    GOBIN="$COREDNS_CACHE" CGO_ENABLED=0 go install "github.com/coredns/coredns@${COREDNS_VERSION}"
+  fi
+  install -m 0755 "$COREDNS_CACHE/coredns" "$COREDNS_BIN"
+  "$COREDNS_BIN" -version | grep -qx "$want" || { echo "setup: $COREDNS_BIN is not $want" >&2; exit 1; }
+  log "installed $($COREDNS_BIN -version | head -1) at ${COREDNS_BIN}"
+fi
+
+# 3. The virtual environment with the agent installed editable.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  log "installing the agent (editable) with its dev extra"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e ".[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+else
+  log "virtual environment up to date"
+fi
+log "done"

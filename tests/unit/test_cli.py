@@ -1,0 +1,86 @@
+"""Flag parsing: node-cache's flags unchanged, long forms, Go-style values, clear errors with exit 2."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from agent.cli import parse
+from agent.config import ConfigError, Settings, parse_duration
+
+UPSTREAM_MANIFEST_ARGS = [
+    "-localip", "169.254.20.10,10.96.0.10", "-conf", "/etc/Corefile", "-upstreamsvc", "kube-dns-upstream",
+    "-pidfile", "/tmp/node-cache.pid",
+]  # fmt: skip
+
+
+def test_the_upstream_manifest_args_parse_unchanged() -> None:
+    _, s = parse(UPSTREAM_MANIFEST_ARGS)
+    assert s.local_ips == (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))
+    assert s.corefile == Path("/etc/Corefile")
+    assert s.upstream_svc == "kube-dns-upstream"
+    assert s.pidfile == Path("/tmp/node-cache.pid")
+
+
+def test_go_flag_spellings_are_accepted() -> None:
+    _, s = parse([
+        "--localip=fd00::10,169.254.20.10", "-setupiptables=false", "-skipteardown", "-syncinterval", "60",
+        "-health-port=9090", "-dns.port", "5353",
+    ])  # fmt: skip
+    assert [ip.version for ip in s.local_ips] == [6, 4]
+    assert s.setup_iptables is False and s.skip_teardown is True
+    assert s.sync_interval == 60.0 and s.health_port == 9090 and s.dns_port == 5353
+
+
+def test_readable_long_forms_mean_the_same() -> None:
+    _, short = parse(["-localip", "169.254.20.10", "-interfacename", "nld0"])
+    _, long = parse(["--local-ip", "169.254.20.10", "--interface-name", "nld0"])
+    assert short == long
+
+
+def test_defaults_are_node_caches() -> None:
+    s = Settings()
+    assert (s.interface_name, s.metrics_listen_address, s.health_port, s.dns_port) == (
+        "nodelocaldns", "0.0.0.0:9353", 8080, 53,
+    )  # fmt: skip
+    assert s.base_corefile == Path("/etc/coredns/Corefile.base")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["-localip", "169.254.20.300"],
+            "argument -localip/--localip/--local-ip: '169.254.20.300' is not an IP address",
+        ),
+        (["-syncinterval", "soon"], "'soon' is not a duration"),
+        (["-setupiptables=maybe"], "'maybe' is not a boolean"),
+        (["-interfacename", "a-very-long-interface-name"], "is not a valid interface name"),
+        (["-health-port", "70000"], "-health-port: 70000 is not a port number"),
+        (["-metrics-listen-address", "9353"], "'9353' is not HOST:PORT"),
+        (["-localip", "169.254.20.10,169.254.20.10"], "duplicate address"),
+        (["-nosuchflag"], "unrecognized arguments: -nosuchflag"),
+        (["--iptables-mode", "ebpf"], "invalid choice: 'ebpf'"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("60", 60.0), ("1s", 1.0), ("500ms", 0.5), ("1m30s", 90.0), ("0.25", 0.25)]
+)
+def test_durations_in_go_or_plain_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text, "-x") == seconds
+
+
+def test_run_without_local_ip_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="-localip: no local address"):
+        Settings().require_local_ips()
