@@ -1,0 +1,107 @@
+"""Health probes of the CoreDNS child: real DNS queries on every local address, plus CoreDNS's /health.
+
+The DNS probe asks for a name the Corefile answers by itself (no upstream involved), so an upstream outage
+does not make every node restart its cache. The prober is a thread that only posts :class:`ProbeResult`s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import requests
+
+from agent.config import IPAddress
+from agent.events import Event, ProbeResult
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How CoreDNS is probed. Defaults detect a hang within 3 s: 3 failed rounds at 0.5 s spacing, each
+    bounded by a 0.5 s timeout, fail after at most 0.5 + 3 x 0.5 + 3 x 0.5 = 2.5 s."""
+
+    addresses: tuple[IPAddress, ...]
+    port: int
+    name: str
+    health_url: str | None
+    interval: float = 0.5  # seconds between rounds
+    timeout: float = 0.5  # seconds per DNS query and per HTTP request
+
+
+def probe_dns(address: IPAddress, port: int, name: str, timeout: float) -> tuple[bool, str, float]:
+    """One UDP query; healthy when CoreDNS answers NOERROR with an answer."""
+    query = dns.message.make_query(name, dns.rdatatype.A)
+    started = time.monotonic()
+    try:
+        reply = dns.query.udp(query, str(address), port=port, timeout=timeout)
+    except dns.exception.Timeout:
+        return False, f"no answer from {address}:{port} within {timeout}s", timeout
+    except OSError as exc:
+        return False, f"query to {address}:{port} failed: {exc.strerror or exc}", time.monotonic() - started
+    latency = time.monotonic() - started
+    if reply.rcode() != dns.rcode.NOERROR or not reply.answer:
+        return False, f"{address}:{port} answered {dns.rcode.to_text(reply.rcode())} for {name}", latency
+    return True, "ok", latency
+
+
+def probe_http(session: requests.Session, url: str, timeout: float) -> tuple[bool, str]:
+    try:
+        response = session.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        return False, f"{url}: {type(exc).__name__}"
+    if response.status_code != 200:
+        return False, f"{url}: HTTP {response.status_code}"
+    return True, "ok"
+
+
+class Prober:
+    """Probes one CoreDNS child every ``interval`` until stopped; results are tagged with the child's pid."""
+
+    def __init__(self, settings: ProbeSettings, pid: int, post: Callable[[Event], None]) -> None:
+        self.settings = settings
+        self.pid = pid
+        self._post = post
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"prober-{pid}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                ok, detail, latency = probe_round(self.settings, session)
+                if self._stop.is_set():
+                    return
+                self._post(ProbeResult(self.pid, ok, detail, latency))
+                self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
+
+
+def probe_round(settings: ProbeSettings, session: requests.Session) -> tuple[bool, str, float]:
+    """Every local address answers the probe name, and /health says 200."""
+    slowest = 0.0
+    for address in settings.addresses:
+        ok, detail, latency = probe_dns(address, settings.port, settings.name, settings.timeout)
+        slowest = max(slowest, latency)
+        if not ok:
+            return False, detail, slowest
+    if settings.health_url:
+        ok, detail = probe_http(session, settings.health_url, settings.timeout)
+        if not ok:
+            return False, detail, slowest
+    return True, "ok", slowest
+
+
+def all_answer(addresses: Sequence[IPAddress], port: int, name: str, timeout: float) -> bool:
+    return all(probe_dns(a, port, name, timeout)[0] for a in addresses)

@@ -1,0 +1,315 @@
+"""The supervisor's state machine, driven event by event with recording fakes (no processes, no network)."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.cgroup import Cgroup
+from agent.config import ConfigError, Settings
+from agent.events import ApiConfigMap, ChildExited, ChildOutput, ConfigChanged, Event, ProbeResult, Signal
+from agent.health import ProbeSettings
+from agent.states import CoreDnsState
+from agent.supervisor import Supervisor, Timing
+
+
+@dataclass
+class Calls:
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FakeNetwork:
+    calls: Calls
+    restore: list[str] = field(default_factory=list)
+
+    def remove_leftovers(self) -> None:
+        self.calls.log.append("remove_leftovers")
+
+    def setup_interface(self) -> list[str]:
+        self.calls.log.append("setup_interface")
+        return []
+
+    def install_rules(self, host_rules: bool) -> None:
+        self.calls.log.append(f"install_rules(host={host_rules})")
+
+    def set_host_rules(self, enabled: bool) -> None:
+        self.calls.log.append(f"host_rules({enabled})")
+
+    def reconcile(self) -> list[str]:
+        changes, self.restore = self.restore, []
+        return changes
+
+    def teardown(self, deadline: float) -> None:
+        self.calls.log.append("teardown")
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
+    def stop_watchers(self) -> None: ...
+
+
+@dataclass
+class FakeCorefile:
+    calls: Calls
+    text: str = "corefile v1"
+    error: str | None = None
+    written: list[str] = field(default_factory=list)
+
+    def render(self, api_data: Mapping[str, str] | None) -> str:
+        if self.error:
+            raise ConfigError(self.error)
+        return self.text + (f" api={dict(api_data)}" if api_data else "")
+
+    def write(self, text: str) -> bool:
+        self.written.append(text)
+        return True
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
+    def stop_watchers(self) -> None: ...
+
+
+class FakeChild:
+    next_pid = 100
+
+    def __init__(self, calls: Calls, fail_start: bool = False) -> None:
+        self.calls = calls
+        self.fail_start = fail_start
+        self.pid = 0
+        self.recent_output: deque[str] = deque(maxlen=20)
+        self.alive = False
+
+    def start(self) -> int:
+        from agent.coredns import CoreDnsStartError
+
+        if self.fail_start:
+            raise CoreDnsStartError("cannot run /nope/coredns: No such file or directory")
+        FakeChild.next_pid += 1
+        self.pid = FakeChild.next_pid
+        self.alive = True
+        self.calls.log.append(f"start {self.pid}")
+        return self.pid
+
+    def signal(self, signum: int) -> None:
+        self.calls.log.append(f"signal {self.pid} {signal.Signals(signum).name}")
+        if signum == signal.SIGTERM:
+            self.alive = False
+
+    def kill_group(self) -> None:
+        self.calls.log.append(f"kill {self.pid}")
+        self.alive = False
+
+    def wait(self, timeout: float) -> int | None:
+        return None if self.alive else 0
+
+    def memory(self) -> tuple[int, int] | None:
+        return (10 << 20, 12 << 20) if self.alive else None
+
+
+class FakeCgroup(Cgroup):
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent"))
+        object.__setattr__(self, "kills", 0)
+
+    def oom_kills(self) -> int | None:
+        return int(self.kills)  # type: ignore[attr-defined]
+
+
+@dataclass
+class Harness:
+    sup: Supervisor
+    calls: Calls
+    corefile: FakeCorefile
+    network: FakeNetwork
+    children: list[FakeChild]
+
+    @property
+    def child(self) -> FakeChild:
+        return self.children[-1]
+
+    def probe(self, ok: bool, detail: str = "ok") -> None:
+        self.sup.handle(ProbeResult(self.child.pid, ok, detail if not ok else "ok", 0.001))
+
+    def exit(self, returncode: int) -> None:
+        self.child.alive = False
+        self.sup.handle(ChildExited(self.child.pid, returncode))
+
+    def advance_to_restart(self) -> None:
+        assert self.sup.restart_at is not None
+        self.sup._timers(self.sup.restart_at)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    calls = Calls()
+    children: list[FakeChild] = []
+
+    def launcher(post: Callable[[Event], None]) -> FakeChild:
+        children.append(FakeChild(calls))
+        return children[-1]
+
+    settings = Settings(local_ips=(ipaddress.ip_address("169.254.20.10"),), status_file=tmp_path / "status.json")
+    corefile, network = FakeCorefile(calls), FakeNetwork(calls)
+    sup = Supervisor(
+        settings=settings,
+        network=network,
+        corefile=corefile,
+        launcher=launcher,  # type: ignore[arg-type]
+        probe_settings=ProbeSettings(settings.local_ips, 53, "probe.test.", None),
+        cgroup=FakeCgroup(),
+        prober_factory=_NoProber,  # these tests feed ProbeResults by hand
+    )
+    harness = Harness(sup, calls, corefile, network, children)
+    sup.start()
+    return harness
+
+
+class _NoProber:
+    def __init__(self, *args: object) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def test_start_sets_up_before_launching_and_installs_rules_only_once_healthy(h: Harness) -> None:
+    assert h.calls.log == ["remove_leftovers", "setup_interface", f"start {h.child.pid}"]
+    assert h.sup.state is CoreDnsState.STARTING
+    assert h.corefile.written == ["corefile v1"]
+    h.probe(ok=True)
+    assert h.sup.state is CoreDnsState.RUNNING
+    assert h.calls.log[-1] == "install_rules(host=True)"
+
+
+def test_a_crash_removes_host_rules_at_once_and_restarts_after_a_backoff(h: Harness) -> None:
+    h.probe(ok=True)
+    first = h.child.pid
+    h.exit(1)
+    assert h.calls.log[-1] == "host_rules(False)"
+    assert h.sup.state is CoreDnsState.BACKOFF
+    assert "exited 1" in h.sup.cause
+    h.advance_to_restart()
+    assert h.child.pid != first and h.sup.state is CoreDnsState.STARTING
+    h.probe(ok=True)
+    assert h.calls.log[-1] == "host_rules(True)"  # rules are not installed twice
+    assert sum(1 for c in h.calls.log if c.startswith("install_rules")) == 1
+
+
+def test_backoff_doubles_with_consecutive_failures_and_is_capped(h: Harness) -> None:
+    delays = []
+    for _ in range(8):
+        h.exit(2)
+        delays.append(h.sup.restart_delay)
+        h.advance_to_restart()
+    assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_three_failed_probe_rounds_mean_hung_and_coredns_is_killed(h: Harness) -> None:
+    h.probe(ok=True)
+    pid = h.child.pid
+    h.probe(ok=False, detail="no answer from 169.254.20.10:53 within 0.5s")
+    h.probe(ok=False, detail="no answer from 169.254.20.10:53 within 0.5s")
+    assert h.sup.state is CoreDnsState.RUNNING
+    h.probe(ok=False, detail="no answer from 169.254.20.10:53 within 0.5s")
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung")
+    assert h.calls.log[-2:] == ["host_rules(False)", f"kill {pid}"]
+    h.exit(-9)  # the kill's own exit is not a second failure
+    assert h.sup.metrics.coredns_restarts.labels("hang")._value.get() == 1
+    assert h.sup.metrics.coredns_restarts.labels("signaled")._value.get() == 0
+
+
+def test_probe_results_for_an_earlier_child_are_ignored(h: Harness) -> None:
+    old = h.child.pid
+    h.exit(1)
+    h.advance_to_restart()
+    h.sup.handle(ProbeResult(old, True, "ok", 0.001))
+    assert h.sup.state is CoreDnsState.STARTING
+
+
+def test_a_sigkill_counted_in_memory_events_is_reported_as_oom(h: Harness) -> None:
+    h.probe(ok=True)
+    object.__setattr__(h.sup.cgroup, "kills", 1)
+    h.exit(-9)
+    assert h.sup.cause.startswith("OOM-killed (terminated by SIGKILL")
+    assert h.sup.metrics.coredns_restarts.labels("oom")._value.get() == 1
+
+
+def test_a_sigkill_without_an_oom_kill_is_not_called_oom(h: Harness) -> None:
+    h.probe(ok=True)
+    h.exit(-9)
+    assert h.sup.cause.startswith("terminated by SIGKILL")
+
+
+def test_invalid_configuration_is_counted_and_the_last_good_corefile_stays(h: Harness) -> None:
+    h.probe(ok=True)
+    h.corefile.error = "stubDomains: 'acme..local' is not a domain name"
+    h.sup.handle(ConfigChanged("kube-dns configmap"))
+    assert h.corefile.written == ["corefile v1"]
+    assert h.sup.metrics.setup_errors.labels("configmap")._value.get() == 1
+    assert not any("SIGUSR1" in c for c in h.calls.log)
+
+
+def test_a_changed_configuration_reloads_coredns_and_waits_for_its_confirmation(h: Harness) -> None:
+    h.probe(ok=True)
+    h.sup.handle(ApiConfigMap({"stubDomains": '{"acme.local": ["10.244.2.10"]}'}))
+    assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
+    assert h.sup.reload is not None
+    h.sup.handle(ChildOutput(h.child.pid, "[INFO] Reloading complete"))
+    assert h.sup.reload is None
+    assert h.sup.metrics.reloads.labels("ok")._value.get() == 1
+
+
+def test_a_failed_reload_puts_the_previous_corefile_back(h: Harness) -> None:
+    h.probe(ok=True)
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("template"))
+    h.sup.handle(ChildOutput(h.child.pid, "[ERROR] Restart failed: listen tcp: address already in use"))
+    assert h.corefile.written == ["corefile v1", "corefile v2", "corefile v1"]
+    assert h.sup.metrics.reloads.labels("failed")._value.get() == 1
+    assert h.sup.retry_render_at is not None
+
+
+def test_an_unchanged_render_does_not_reload(h: Harness) -> None:
+    h.probe(ok=True)
+    h.sup.handle(ConfigChanged("kube-dns configmap"))
+    assert not any("SIGUSR1" in c for c in h.calls.log)
+
+
+def test_sigterm_sends_host_traffic_away_first_then_stops_coredns_then_tears_down(h: Harness) -> None:
+    h.probe(ok=True)
+    pid = h.child.pid
+    h.sup.handle(Signal(signal.SIGTERM))
+    assert h.sup.stop_requested == "received SIGTERM"
+    assert h.sup.shutdown() == 0
+    tail = h.calls.log[-3:]
+    assert tail == ["host_rules(False)", f"signal {pid} SIGTERM", "teardown"]
+
+
+def test_skipteardown_leaves_the_networking(tmp_path: Path, h: Harness) -> None:
+    object.__setattr__(h.sup, "settings", Settings(skip_teardown=True, status_file=tmp_path / "s.json"))
+    h.sup.shutdown()
+    assert "teardown" not in h.calls.log
+
+
+def test_a_missing_binary_keeps_the_agent_running_in_backoff(h: Harness) -> None:
+    h.sup.launcher = lambda post: FakeChild(h.calls, fail_start=True)  # type: ignore[assignment, return-value]
+    h.exit(1)
+    h.advance_to_restart()
+    assert h.sup.state is CoreDnsState.BACKOFF
+    assert "cannot run /nope/coredns" in h.sup.cause
+
+
+def test_restored_rules_are_counted(h: Harness) -> None:
+    h.network.restore = ["rule: raw PREROUTING -d 169.254.20.10 udp 53"]
+    h.sup._timers(h.sup._next_reconcile + 1)
+    assert h.sup.metrics.rules_restored.labels("rule")._value.get() == 1
+
+
+def test_status_file_reports_the_state_for_the_liveness_check(h: Harness) -> None:
+    from agent.status import read_status
+
+    h.probe(ok=True)
+    status = read_status(h.sup.settings.status_file)
+    assert status.state == "running" and status.serving
