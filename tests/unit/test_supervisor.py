@@ -16,7 +16,7 @@ from agent.config import ConfigError, Settings
 from agent.events import ApiConfigMap, ChildExited, ChildOutput, ConfigChanged, Event, ProbeResult, Signal
 from agent.health import ProbeSettings
 from agent.states import CoreDnsState
-from agent.supervisor import Supervisor, Timing
+from agent.supervisor import Supervisor
 
 
 @dataclass
@@ -152,7 +152,9 @@ def h(tmp_path: Path) -> Harness:
         children.append(FakeChild(calls))
         return children[-1]
 
-    settings = Settings(local_ips=(ipaddress.ip_address("169.254.20.10"),), status_file=tmp_path / "status.json")
+    settings = Settings(
+        local_ips=(ipaddress.ip_address("169.254.20.10"),), status_file=tmp_path / "status.json"
+    )
     corefile, network = FakeCorefile(calls), FakeNetwork(calls)
     sup = Supervisor(
         settings=settings,

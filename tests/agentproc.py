@@ -1,0 +1,186 @@
+"""The real agent, run inside a sandbox's node namespace, for integration tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from tests import sandbox as sb
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "corefile" / "Corefile.base"
+METRICS_ADDRESS = "127.0.0.1:9353"
+
+
+class AgentProcess:
+    """``python -m agent`` in the node namespace with the sandbox's addresses; JSON logs to a file."""
+
+    def __init__(
+        self,
+        box: sb.Sandbox,
+        *,
+        name: str = "agent",
+        local_ips: Sequence[str] = (sb.LOCAL_IP, sb.KUBE_DNS_IP),
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.box = box
+        self.dir = box.workdir / name
+        self.dir.mkdir(exist_ok=True)
+        self.kubedns_dir = box.workdir / "kube-dns-configmap"
+        self.kubedns_dir.mkdir(exist_ok=True)
+        self.local_ips = list(local_ips)
+        self.log_path = self.dir / "agent.log"
+        self.status_file = self.dir / "status.json"
+        self.argv = [
+            sys.executable, "-m", "agent",
+            "-localip", ",".join(self.local_ips),
+            "-basecorefile", str(TEMPLATE),
+            "-conf", str(box.workdir / "Corefile"),
+            "-kubednscm", str(self.kubedns_dir),
+            "-pidfile", str(box.workdir / "coredns.pid"),
+            "-metrics-listen-address", METRICS_ADDRESS,
+            "--cluster-dns-ip", sb.KUBE_DNS_UPSTREAM_IP,
+            "--coredns-binary", sb.COREDNS,
+            "--iptables-mode", box.flavour,
+            "--status-file", str(self.status_file),
+            "--xtables-lock", str(box.workdir / "xtables.lock"),
+            "--log-format", "json",
+            *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # Lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = self.box.popen(
+                self.box.node, self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )  # fmt: skip
+        return self
+
+    def wait_serving(self, timeout: float = 20.0) -> None:
+        self.wait_for(lambda s: s.get("serving") is True, timeout, "serving")
+
+    def wait_for(self, predicate: object, timeout: float, what: str) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            status = self.status()
+            if callable(predicate) and predicate(status):
+                return status
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited {self.proc.returncode} waiting for {what}:\n{self.tail()}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"agent not {what} within {timeout}s (status {status}):\n{self.tail()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.agent_pid()  # make sure it is there
+        os.kill(self.agent_pid(), signum)
+
+    def agent_pid(self) -> int:
+        """The agent's own pid (``ip netns exec`` execs it, so it is the Popen's pid)."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError(f"agent did not stop within {timeout}s:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                self.stop()
+        with contextlib.suppress(ProcessLookupError):
+            self.kill()
+
+    # Observing ---------------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        try:
+            data: dict[str, object] = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def coredns_pid(self) -> int | None:
+        """The CoreDNS child of this agent, if one runs."""
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.agent_pid()).children(recursive=True):
+                if Path(child.exe()).name == "coredns":
+                    return child.pid
+        return None
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def metrics(self) -> str:
+        url = f"http://{METRICS_ADDRESS}/metrics"
+        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=2).read().decode())"
+        return self.box.exec(self.box.node, [sys.executable, "-c", code])
+
+    def write_kubedns(self, data: dict[str, str]) -> None:
+        """Update the kube-dns ConfigMap directory the way the kubelet does: a ``..data`` symlink swap."""
+        write_configmap_dir(self.kubedns_dir, data)
+
+
+def write_configmap_dir(directory: Path, data: dict[str, str]) -> None:
+    """The kubelet's atomic writer: new ``..TIMESTAMP`` dir, ``..data_tmp`` symlink renamed over ``..data``,
+    key symlinks ``KEY -> ..data/KEY``, the old dir removed."""
+    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    new = directory / stamp
+    new.mkdir()
+    for key, value in data.items():
+        (new / key).write_text(value)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    tmp = directory / "..data_tmp"
+    os.symlink(stamp, tmp)
+    os.rename(tmp, directory / "..data")
+    for key in data:
+        link = directory / key
+        if not link.is_symlink():
+            os.symlink(f"..data/{key}", link)
+    for link in list(directory.iterdir()):
+        if not link.name.startswith("..") and link.is_symlink() and link.name not in data:
+            link.unlink()
+    if old:
+        import shutil
+
+        shutil.rmtree(directory / old, ignore_errors=True)
