@@ -44,6 +44,8 @@ KUBE_DNS_IP = "10.96.0.10"
 KUBE_DNS_UPSTREAM_IP = "10.96.0.11"
 KUBE_DNS_IP6 = "fd00:96::a"
 KUBE_DNS_UPSTREAM_IP6 = "fd00:96::b"
+SERVICE_NET = "10.96.0.0/12"
+SERVICE_NET6 = "fd00:96::/64"
 LOCAL_IP = "169.254.20.10"
 LOCAL_IP6 = "fd00::10"
 STUB_DOMAIN = "acme.local"
@@ -266,6 +268,10 @@ class Sandbox:
         for i in range(self.pods):
             self._link(self.pod(i), FIRST_POD_NET + i, f"pod{i}")
         self._sysctl(self.node, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        # A real node reaches the Service range through its default route; here, through the kube-dns link
+        # (locally generated packets need a route before the OUTPUT DNAT rewrites them).
+        run(["ip", "-n", self.node, "route", "add", SERVICE_NET, "via", self.kube_dns_pod_ip])
+        run(["ip", "-n", self.node, "-6", "route", "add", SERVICE_NET6, "via", self.kube_dns_pod_ip6])
         self._write_resolv_confs()
         self._install_kube_proxy()
         self._start_kube_dns()
@@ -421,11 +427,13 @@ class Sandbox:
 
     def dig(self, ns: str, server: str, name: str, rtype: str = "A", *, tcp: bool = False,
             check: bool = True) -> str:  # fmt: skip
-        """``dig +short`` from ``ns``; one try, one second."""
+        """``dig +short`` from ``ns``; one try, one second. No answer (or a failure) gives ""."""
         argv = ["dig", f"@{server}", name, rtype, "+short", "+time=1", "+tries=1"]
         if tcp:
             argv.append("+tcp")
-        return self.exec(ns, argv, check=check).strip()
+        out = self.exec(ns, argv, check=check)
+        # dig prints its errors (";; communications error …") on stdout too.
+        return "\n".join(line for line in out.splitlines() if line and not line.startswith(";")).strip()
 
 
 def _zone_file(origin: str, records: list[str]) -> str:

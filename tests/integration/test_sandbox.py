@@ -132,3 +132,10 @@ def test_sandbox_is_removed_on_ctrl_c_and_sigterm(signum: int) -> None:
     while sb.leftovers({run_id}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sb.leftovers({run_id}) == []
+
+
+def test_the_node_itself_reaches_both_cluster_ips_through_output_dnat(shared_sandbox: sb.Sandbox) -> None:
+    box = shared_sandbox
+    for server in (KUBE_DNS_IP, KUBE_DNS_UPSTREAM_IP, KUBE_DNS_IP6):
+        assert box.dig(box.node, server, "web.default.svc.cluster.local", tcp=True) == "10.96.10.20"
+    assert box.dig(box.node, "10.96.0.99", "web.default.svc.cluster.local") == ""  # no such Service

@@ -1,0 +1,306 @@
+"""The agent, for real, in the node sandbox: a pod resolving names continuously while things go wrong.
+
+Each test runs a bounded load from a pod (``tests.dnsload``) through the kube-dns ClusterIP and asserts how
+many queries failed and what state the node is in afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests import sandbox as sb
+from tests.agentproc import AgentProcess
+from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
+
+SERVICE = "web.default.svc.cluster.local"
+SERVICE_IP = "10.96.10.20"
+
+
+class Load:
+    """A background ``dnsload`` run from a pod; ``result()`` waits for it and returns its summary."""
+
+    def __init__(self, box: sb.Sandbox, *, rate: float = 400, duration: float = 6.0, names: str = SERVICE,
+                 server: str = KUBE_DNS_IP) -> None:  # fmt: skip
+        self._out: dict[str, object] = {}
+        argv = [sys.executable, "-m", "tests.dnsload", "--server", server, "--rate", str(rate),
+                "--duration", str(duration), "--names", names]  # fmt: skip
+
+        def run() -> None:
+            self._out = json.loads(box.exec(box.pod(0), argv, timeout=duration + 15))
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def result(self) -> dict[str, object]:
+        self._thread.join(timeout=60)
+        return self._out
+
+
+@pytest.fixture
+def box(flavour: sb.Flavour) -> Iterator[sb.Sandbox]:
+    with sb.Sandbox(flavour=flavour) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def agent(box: sb.Sandbox) -> Iterator[AgentProcess]:
+    with AgentProcess(box) as proc:
+        proc.wait_serving()
+        yield proc
+
+
+def local_answers(box: sb.Sandbox) -> bool:
+    """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
+    box.flush_conntrack()
+    answer = box.dig(box.pod(0), KUBE_DNS_IP, SERVICE, check=False)
+    tracked = box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    return answer == SERVICE_IP and "dport=53" not in tracked
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not {what} within {timeout}s")
+
+
+def test_pod_queries_are_answered_by_the_local_cache_without_conntrack(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
+    assert local_answers(box)
+    assert box.dig(box.pod(0), LOCAL_IP, SERVICE) == SERVICE_IP
+    assert box.dig(box.pod(0), KUBE_DNS_IP, "www.example.org") == "192.0.2.81"  # the "." zone upstream
+    # The cluster zone is forwarded over TCP to kube-dns-upstream, whose ClusterIP is still DNATed.
+    box.flush_conntrack()
+    assert box.dig(box.pod(0), KUBE_DNS_IP, "db.prod.svc.cluster.local") == "10.96.20.30"
+    upstream = box.conntrack("-p", "tcp", "--orig-dst", sb.KUBE_DNS_UPSTREAM_IP)
+    assert f"src={box.kube_dns_pod_ip}" in upstream, upstream
+
+
+def test_sigkill_of_coredns_loses_only_in_flight_queries(box: sb.Sandbox, agent: AgentProcess) -> None:
+    first = agent.coredns_pid()
+    assert first is not None
+    load = Load(box, rate=400, duration=6)
+    time.sleep(2)
+    os.kill(first, signal.SIGKILL)
+    result = load.result()
+    assert result["sent"] == 2400
+    assert int(result["failed"]) <= 5, result  # queries CoreDNS had read but not answered
+    assert float(result["longest_gap"]) < 0.5, result
+    agent.wait_serving()
+    assert agent.coredns_pid() not in (None, first)
+    assert local_answers(box)
+
+
+def test_sigstop_of_coredns_is_detected_as_a_hang_within_3s(box: sb.Sandbox, agent: AgentProcess) -> None:
+    first = agent.coredns_pid()
+    assert first is not None
+    load = Load(box, rate=200, duration=8)
+    time.sleep(2)
+    stopped_at = time.monotonic()
+    os.kill(first, signal.SIGSTOP)
+    agent.wait_for(lambda s: s.get("state") == "backoff", 3.5, "backoff after a hang")
+    detected = time.monotonic() - stopped_at
+    result = load.result()
+    assert detected < 3.0 + 0.5
+    # Queries sent while CoreDNS was stopped sat in its socket and die with it; nothing after the kill.
+    assert float(result["longest_gap"]) < 3.5, result
+    assert int(result["failed"]) <= 200 * 3.5, result
+    failure_times = [float(t) for t in result["failure_times"]]  # type: ignore[union-attr]
+    assert all(2.0 - 0.1 <= t <= 2.0 + 3.5 for t in failure_times), failure_times
+    agent.wait_serving()
+    assert any(e.get("event") == "coredns state" and str(e.get("cause", "")).startswith("hung")
+               for e in agent.events())  # fmt: skip
+
+
+def test_sigkill_of_agent_and_coredns_together_falls_back_to_kube_dns(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
+    coredns = agent.coredns_pid()
+    assert coredns is not None
+    load = Load(box, rate=400, duration=5)
+    time.sleep(2)
+    os.kill(agent.agent_pid(), signal.SIGKILL)
+    os.kill(coredns, signal.SIGKILL)
+    result = load.result()
+    assert int(result["failed"]) <= 5, result
+    assert float(result["longest_gap"]) < 0.5, result
+    # A new agent removes the leftovers and takes the traffic back.
+    with AgentProcess(box, name="agent2") as second:
+        second.wait_serving()
+        assert local_answers(box)
+        ours = [line for line in box.save_rules().splitlines() if "NodeLocal DNS Cache" in line]
+        assert ours and len(ours) == len(set(ours)), "duplicated rules"
+
+
+def test_rolling_restart_loses_no_query(box: sb.Sandbox, agent: AgentProcess) -> None:
+    load = Load(box, rate=400, duration=7)
+    time.sleep(2)
+    started = time.monotonic()
+    assert agent.stop() == 0
+    stop_took = time.monotonic() - started
+    with AgentProcess(box, name="agent2") as second:
+        second.wait_serving()
+        result = load.result()
+        assert result["failed"] == 0, result
+        assert local_answers(box)
+    assert stop_took < 10
+
+
+def test_stub_domain_change_reaches_pods_without_losing_a_query(box: sb.Sandbox, agent: AgentProcess) -> None:
+    load = Load(box, rate=300, duration=6)
+    time.sleep(1.5)
+    changed = time.monotonic()
+    agent.write_kubedns({"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
+    wait_until(lambda: box.dig(box.pod(0), KUBE_DNS_IP, f"www.{STUB_DOMAIN}", check=False) == "198.51.100.7",
+               5.0, "resolving the stub domain")  # fmt: skip
+    took = time.monotonic() - changed
+    result = load.result()
+    assert result["failed"] == 0, result
+    assert took < 2.5
+    assert 'nodelocaldns_agent_reloads_total{result="ok"} 1.0' in agent.metrics()
+
+
+def test_an_invalid_configmap_is_rejected_and_the_last_good_configuration_keeps_serving(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
+    agent.write_kubedns({"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
+    wait_until(lambda: box.dig(box.pod(0), KUBE_DNS_IP, f"www.{STUB_DOMAIN}", check=False) == "198.51.100.7",
+               5.0, "resolving the stub domain")  # fmt: skip
+    load = Load(box, rate=300, duration=4, names=f"www.{STUB_DOMAIN},{SERVICE}")
+    agent.write_kubedns({"stubDomains": '{"acme.local": ["10.244.2.10"'})  # truncated JSON
+    wait_until(lambda: 'errortype="configmap"} 1.0' in agent.metrics(), 5.0, "counting the configmap error")
+    result = load.result()
+    assert result["failed"] == 0, result
+    rejected = [e for e in agent.events() if e.get("event") == "configuration rejected"]
+    assert rejected and "stubDomains" in str(rejected[-1]["error"])
+
+
+def test_port_53_busy_before_start_keeps_dns_on_kube_dns_and_recovers(box: sb.Sandbox) -> None:
+    # A squatter holds 10.96.0.10:53 on an interface of its own before the agent starts.
+    box.exec(box.node, ["ip", "link", "add", "squat0", "type", "bridge"])
+    box.exec(box.node, ["ip", "addr", "add", f"{KUBE_DNS_IP}/32", "dev", "squat0"])
+    squatter = box.popen(box.node, [sys.executable, "-c", (
+        "import socket, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"s.bind(('{KUBE_DNS_IP}', 53))\n"
+        "print('bound', flush=True)\n"
+        "time.sleep(60)\n"
+    )], stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == b"bound"
+        with AgentProcess(box) as agent:
+            status = agent.wait_for(lambda s: "address already in use" in str(s.get("detail", "")), 15,
+                                    "reporting the busy port")  # fmt: skip
+            assert status["state"] == "backoff"
+            # DNS keeps working through kube-dns meanwhile.
+            assert box.dig(box.pod(0), KUBE_DNS_IP, SERVICE) == SERVICE_IP
+            squatter.kill()
+            squatter.wait()
+            agent.wait_serving(timeout=20)
+            assert local_answers(box)
+    finally:
+        squatter.kill()
+        squatter.wait()
+        if squatter.stdout:
+            squatter.stdout.close()
+
+
+def test_flushed_rules_are_restored_within_2s_without_losing_queries(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
+    before = box.save_rules()
+    load = Load(box, rate=300, duration=4)
+    time.sleep(1)
+    box.exec(box.node, [box.iptables(), "-t", "raw", "-F"])
+    box.exec(box.node, [box.iptables(), "-t", "filter", "-F"])
+    flushed = time.monotonic()
+    wait_until(lambda: box.save_rules() == before, 2.0, "restored")
+    restored_in = time.monotonic() - flushed
+    result = load.result()
+    assert result["failed"] == 0, result
+    assert restored_in < 2.0
+
+
+def test_check_is_true_while_the_loop_runs_and_false_when_stuck_or_gone(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
+    check = [sys.executable, "-m", "agent", "--check", "--status-file", str(agent.status_file),
+             "--check-max-age", "2"]  # fmt: skip
+    ok = subprocess.run(check, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and ok.stdout.startswith("alive"), ok
+    os.kill(agent.agent_pid(), signal.SIGSTOP)
+    try:
+        time.sleep(2.5)
+        stuck = subprocess.run(check, capture_output=True, text=True, check=False)
+        assert stuck.returncode == 1 and "no progress" in stuck.stderr, stuck
+    finally:
+        os.kill(agent.agent_pid(), signal.SIGCONT)
+    agent.stop()
+    gone = subprocess.run(check, capture_output=True, text=True, check=False)
+    assert gone.returncode == 1 and "gone" in gone.stderr
+
+
+def test_check_imports_little_and_stays_under_30_mb(tmp_path: object) -> None:
+    code = (
+        "import resource, subprocess, sys\n"
+        "subprocess.run([sys.executable, '-m', 'agent', '--check', '--status-file', '/nonexistent/s.json'])\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_kib = int(out.stdout.strip().splitlines()[-1])
+    assert peak_kib < 30 * 1024
+    modules = subprocess.run(
+        [sys.executable, "-c", "import sys; from agent.cli import main; main(['--check', '--status-file', "
+         "'/nonexistent']) ; print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    for heavy in ("structlog", "prometheus_client", "pyroute2", "kubernetes", "dns", "requests", "psutil"):
+        assert f"'{heavy}'" not in modules.stdout
+
+
+def test_metrics_report_rules_health_memory_and_setup_errors(box: sb.Sandbox, agent: AgentProcess) -> None:
+    time.sleep(1.2)  # one heartbeat
+    text = agent.metrics()
+    for errortype in ("iptables", "iptables_lock", "interface_add", "interface_check", "configmap"):
+        assert f'coredns_nodecache_setup_errors_total{{errortype="{errortype}"}} 0.0' in text
+    assert 'nodelocaldns_agent_rules_installed{kind="pod"} 1.0' in text
+    assert 'nodelocaldns_agent_rules_installed{kind="host"} 1.0' in text
+    assert 'nodelocaldns_agent_coredns_state{state="running"} 1.0' in text
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"
+    }
+    assert values["nodelocaldns_agent_coredns_peak_resident_memory_bytes"] > 5 << 20
+    assert values["nodelocaldns_agent_coredns_healthy_since_seconds"] > 0
+    assert values["nodelocaldns_agent_probe_latency_seconds_count"] > 0
+
+
+def test_host_queries_follow_the_agent_managed_rule(box: sb.Sandbox, agent: AgentProcess) -> None:
+    def host_query_is_local() -> bool:
+        box.flush_conntrack()
+        answer = box.dig(box.node, KUBE_DNS_IP, SERVICE, check=False)
+        return answer == SERVICE_IP and "dport=53" not in box.conntrack(
+            "-p", "udp", "--orig-dst", KUBE_DNS_IP
+        )
+
+    assert host_query_is_local()
+    coredns = agent.coredns_pid()
+    assert coredns is not None
+    os.kill(coredns, signal.SIGSTOP)
+    agent.wait_for(lambda s: s.get("serving") is False, 3.5, "off the local path")
+    box.flush_conntrack()
+    assert box.dig(box.node, KUBE_DNS_IP, SERVICE) == SERVICE_IP  # answered by kube-dns now
+    assert "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    agent.wait_serving()
+    assert host_query_is_local()
