@@ -169,7 +169,7 @@ class NodeCache:
         """SIGTERM (a DaemonSet rollout), then SIGKILL if it has not exited within ``timeout``."""
         self.signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=timeout)
+            return self._reap(timeout)
         except subprocess.TimeoutExpired:
             return self.kill()
 
