@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "image" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
 PINNED = (REPO / "image" / "coredns.version").read_text().strip()
 
 
@@ -47,3 +48,17 @@ def test_the_runtime_stage_installs_the_built_wheel_offline() -> None:
         "pip install --no-cache-dir --no-index --find-links=/wheels /wheels/node_local_dns_agent-" in runtime
     )
     assert "apt-get install -y --no-install-recommends iptables " in runtime
+
+
+def test_the_build_context_holds_exactly_what_the_dockerfile_copies() -> None:
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert "*" in lines  # everything else is left out
+    copied = {
+        source.rstrip("/")
+        for instruction, args in instructions()
+        if instruction == "COPY" and not args.startswith("--from")
+        for source in args.split()[:-1]
+    }
+    assert copied == allowed
+    assert all((REPO / path).exists() for path in copied)
