@@ -45,7 +45,7 @@ class Notifier:
         values = {name: env.pop(name, None) for name in ENV_VARS}
         address = values["NOTIFY_SOCKET"]
         if not address:
-            return cls()
+            return Notifier()
         interval = parse_watchdog(
             values["WATCHDOG_USEC"], values["WATCHDOG_PID"], os.getpid() if pid is None else pid
         )
