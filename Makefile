@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-integration lint bench bench-quick clean
+.PHONY: setup demo test test-unit test-integration lint bench bench-quick clean \
+	wheel wheel-smoke image-lint manifest-check unit-check ship-check image
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +24,32 @@ lint: setup
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
 	$(VENV)/bin/mypy
+
+# Shipping: the wheel the image installs, the Dockerfile, the DaemonSet manifest and the systemd unit.
+# `make ship-check` runs every check CI needs; none needs a Docker engine (there is none on these machines).
+wheel: setup
+	rm -rf dist
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+
+wheel-smoke: wheel
+	PY=$(PY) bash scripts/wheel-smoke.sh
+
+image-lint: setup
+	$(VENV)/bin/hadolint image/Dockerfile
+
+manifest-check: setup
+	$(PY) scripts/check_manifest.py --mode iptables image/nodelocaldns.yaml image/nodelocaldns-api.yaml
+	$(PY) scripts/check_manifest.py --mode ipvs image/nodelocaldns.yaml
+
+unit-check: setup
+	$(PY) -m pytest -q tests/unit/test_systemd_unit.py tests/unit/test_sdnotify.py
+
+ship-check: image-lint manifest-check wheel-smoke
+
+# Needs a Docker engine with BuildKit; IMAGE names the result.
+IMAGE ?= node-local-dns-agent:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
+image:
+	docker build -f image/Dockerfile --build-arg COREDNS_VERSION=$$(sed 's/^v//' image/coredns.version) -t $(IMAGE) .
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,261 @@
+"""The DaemonSet manifest: the upstream objects and placeholders, so the upstream sed instructions still
+apply; valid against the Kubernetes schemas; and wired to the agent as the agent really parses it."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from agent import __version__
+from agent.cli import parse
+from agent.config import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST = REPO / "image" / "nodelocaldns.yaml"
+API_RBAC = REPO / "image" / "nodelocaldns-api.yaml"
+CHECKER = REPO / "scripts" / "check_manifest.py"
+LOCALDNS, DOMAIN, KUBEDNS = "169.254.20.10", "cluster.local", "10.96.0.10"
+MODES = {"iptables": "iptables mode", "ipvs": "IPVS mode"}
+
+try:
+    from agent.supervisor import Timing
+
+    SHUTDOWN_BUDGET = Timing().shutdown_budget
+except ImportError:  # until the supervisor lands: its documented bound
+    SHUTDOWN_BUDGET = 10.0
+
+
+def documented_sed(mode: str) -> str:
+    """The sed command the manifest's header gives for a kube-proxy mode (the README gives the same)."""
+    match = re.search(rf"^#\s+{MODES[mode]}:\s+(sed -i .*)$", MANIFEST.read_text(), re.MULTILINE)
+    assert match, f"no sed instruction for {MODES[mode]} in {MANIFEST}"
+    return match.group(1)
+
+
+def run_sed(mode: str, tmp_path: Path) -> str:
+    """The manifest after an operator's steps: the documented sed, run by sed itself."""
+    target = tmp_path / "nodelocaldns.yaml"
+    target.write_text(MANIFEST.read_text())
+    script = f"localdns={LOCALDNS}; domain={DOMAIN}; kubedns={KUBEDNS}; {documented_sed(mode)}"
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=10)
+    return target.read_text()
+
+
+def checker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CHECKER), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def objects(text: str) -> dict[str, dict[str, Any]]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def deployed(mode: str, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    return objects(run_sed(mode, tmp_path))
+
+
+def container(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    [c] = objs["DaemonSet/node-local-dns"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def pod_spec(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return objs["DaemonSet/node-local-dns"]["spec"]["template"]["spec"]
+
+
+def corefile(objs: dict[str, dict[str, Any]]) -> str:
+    return objs["ConfigMap/node-local-dns"]["data"]["Corefile"]
+
+
+def test_it_has_the_upstream_objects() -> None:
+    assert sorted(objects(MANIFEST.read_text())) == [
+        "ConfigMap/node-local-dns",
+        "DaemonSet/node-local-dns",
+        "Service/kube-dns-upstream",
+        "Service/node-local-dns",
+        "ServiceAccount/node-local-dns",
+    ]
+
+
+def test_the_manifest_validates_against_the_kubernetes_schemas(mode: str) -> None:
+    result = checker("--mode", mode, str(MANIFEST), str(API_RBAC))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok  ") == 7
+
+
+def test_the_checker_substitutes_exactly_as_the_documented_sed(mode: str, tmp_path: Path) -> None:
+    assert checker("--mode", mode, "--print", str(MANIFEST)).stdout == run_sed(mode, tmp_path)
+
+
+def test_a_schema_violation_is_named_with_its_object_and_field(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(MANIFEST.read_text().replace("readinessProbe:", "readinesProbe:"))
+    result = checker("--mode", "iptables", str(broken))
+    assert result.returncode == 1
+    assert "DaemonSet kube-system/node-local-dns (Kubernetes 1.28): spec.template.spec.containers.0:" in (
+        result.stderr
+    )
+    assert "'readinesProbe' was unexpected" in result.stderr
+
+
+def test_an_unsubstituted_placeholder_outside_the_corefile_is_refused() -> None:
+    result = checker(str(MANIFEST))
+    assert result.returncode == 1
+    assert (
+        "DaemonSet kube-system/node-local-dns: __PILLAR__LOCAL__DNS__ left at "
+        "spec.template.spec.containers[0].readinessProbe.httpGet.host" in result.stderr
+    )
+
+
+def test_only_the_placeholders_the_agent_fills_remain(mode: str, deployed: dict[str, dict[str, Any]]) -> None:
+    left = set(re.findall(r"__PILLAR__(?:[A-Z]+__)+", corefile(deployed)))
+    # iptables mode leaves the cluster DNS address to the agent (from kube-dns-upstream's environment);
+    # IPVS mode sets it by sed and leaves the bind lines' __PILLAR__DNS__SERVER__, which the agent removes.
+    assert (
+        left
+        == {
+            "iptables": {"__PILLAR__CLUSTER__DNS__", "__PILLAR__UPSTREAM__SERVERS__"},
+            "ipvs": {"__PILLAR__DNS__SERVER__", "__PILLAR__UPSTREAM__SERVERS__"},
+        }[mode]
+    )
+    rest = {k: v for k, v in deployed.items() if k != "ConfigMap/node-local-dns"}
+    assert "__PILLAR__" not in json.dumps(rest)
+
+
+def test_the_daemonset_args_are_node_cache_flags_the_agent_parses(
+    mode: str, deployed: dict[str, dict[str, Any]]
+) -> None:
+    args = container(deployed)["args"]
+    assert args[:1] == ["-localip"]
+    _, settings = parse(args)
+    local = [ipaddress.ip_address(LOCALDNS)]
+    assert list(settings.local_ips) == (
+        [*local, ipaddress.ip_address(KUBEDNS)] if mode == "iptables" else local
+    )
+    assert settings.corefile == Path("/etc/Corefile")
+    assert settings.upstream_svc == "kube-dns-upstream"
+
+
+def test_liveness_is_agent_check_and_outlasts_its_staleness_limit(
+    deployed: dict[str, dict[str, Any]],
+) -> None:
+    probe = container(deployed)["livenessProbe"]
+    assert probe["exec"]["command"] == ["agent", "--check"]
+    ns, settings = parse(probe["exec"]["command"][1:])
+    assert ns.check
+    # One missed heartbeat must not restart the pod: the kubelet gives up only after several periods.
+    assert probe["periodSeconds"] * probe["failureThreshold"] > settings.check_max_age
+    assert probe["timeoutSeconds"] >= 2
+
+
+def test_readiness_asks_coredns_ready_on_the_local_address(deployed: dict[str, dict[str, Any]]) -> None:
+    get = container(deployed)["readinessProbe"]["httpGet"]
+    ready_lines = re.findall(r"^\s*ready (\S+)$", corefile(deployed), re.MULTILINE)
+    assert ready_lines == [f"{get['host']}:{get['port']}"]
+    assert (get["host"], get["path"]) == (LOCALDNS, "/ready")
+
+
+def test_the_grace_period_covers_the_bounded_shutdown(deployed: dict[str, dict[str, Any]]) -> None:
+    assert pod_spec(deployed)["terminationGracePeriodSeconds"] >= SHUTDOWN_BUDGET + 5
+
+
+def test_the_xtables_lock_and_both_configmaps_are_mounted_where_the_agent_looks(
+    deployed: dict[str, dict[str, Any]],
+) -> None:
+    volumes = {v["name"]: v for v in pod_spec(deployed)["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container(deployed)["volumeMounts"]}
+    defaults = Settings()
+    lock = mounts[str(defaults.xtables_lock)]
+    assert lock["hostPath"] == {"path": str(defaults.xtables_lock), "type": "FileOrCreate"}
+    assert mounts["/etc/kube-dns"]["configMap"] == {"name": "kube-dns", "optional": True}
+    base = mounts[str(defaults.base_corefile.parent)]["configMap"]
+    assert base["name"] == "node-local-dns"
+    assert base["items"] == [{"key": "Corefile", "path": defaults.base_corefile.name}]
+
+
+def test_the_container_has_only_the_capabilities_it_needs(deployed: dict[str, dict[str, Any]]) -> None:
+    security = container(deployed)["securityContext"]
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"}
+    assert security["allowPrivilegeEscalation"] is False
+
+
+def test_both_metrics_endpoints_are_exposed(deployed: dict[str, dict[str, Any]]) -> None:
+    agent_port = int(Settings().metrics_listen_address.rpartition(":")[2])
+    coredns_ports = {int(p) for p in re.findall(r"prometheus :(\d+)", corefile(deployed))}
+    assert coredns_ports == {9253}
+    ports = {p["containerPort"] for p in container(deployed)["ports"] if p["protocol"] == "TCP"}
+    assert {agent_port, 9253} <= ports
+    service = {p["port"] for p in deployed["Service/node-local-dns"]["spec"]["ports"]}
+    assert service == {agent_port, 9253}
+
+
+def test_the_image_is_this_agent_version(deployed: dict[str, dict[str, Any]]) -> None:
+    assert container(deployed)["image"].rpartition(":")[2] == __version__
+
+
+def test_no_api_access_without_the_optional_rbac(deployed: dict[str, dict[str, Any]]) -> None:
+    assert pod_spec(deployed)["automountServiceAccountToken"] is False
+    assert not [k for k in deployed if k.split("/")[0] in {"Role", "ClusterRole", "RoleBinding"}]
+
+
+def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """The two JSON-patch operations the documented `kubectl patch` uses (RFC 6902 add/replace)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = op["path"].lstrip("/").split("/")
+        target: Any = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "add" and isinstance(target, list):
+            target.insert(len(target) if last == "-" else int(last), op["value"])
+        elif op["op"] in {"add", "replace"} and isinstance(target, dict):
+            assert op["op"] == "add" or last in target, f"replace of missing {op['path']}"
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unsupported patch operation {op}")
+    return doc
+
+
+def test_the_documented_patch_enables_the_api_source_with_the_rbac(
+    deployed: dict[str, dict[str, Any]],
+) -> None:
+    match = re.search(r"patch daemonset node-local-dns --type=json -p '(\[.*\])'", API_RBAC.read_text())
+    assert match, "the enabling kubectl patch is documented in nodelocaldns-api.yaml"
+    patched = apply_json_patch(deployed["DaemonSet/node-local-dns"], json.loads(match.group(1)))
+    kubernetes_validate.validate(patched, "1.28", strict=True)
+    spec = patched["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is True
+    _, settings = parse(spec["containers"][0]["args"])
+    assert settings.kubedns_configmap_api == "kube-system/kube-dns"
+
+    rbac = objects(API_RBAC.read_text())
+    [rule] = rbac["Role/node-local-dns"]["rules"]
+    namespace, name = settings.kubedns_configmap_api.split("/")
+    assert rbac["Role/node-local-dns"]["metadata"]["namespace"] == namespace
+    assert rule == {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
+                    "verbs": ["get", "list", "watch"]}  # fmt: skip
+    [subject] = rbac["RoleBinding/node-local-dns"]["subjects"]
+    assert subject == {
+        "kind": "ServiceAccount",
+        "name": spec["serviceAccountName"],
+        "namespace": "kube-system",
+    }
+    assert rbac["RoleBinding/node-local-dns"]["roleRef"]["name"] == "node-local-dns"
