@@ -28,9 +28,18 @@ _LEVEL = re.compile(r"^\[(INFO|WARNING|ERROR|FATAL|DEBUG)\]\s*(.*)$")
 # Lines that tell the supervisor how a SIGUSR1 reload went.
 RELOAD_DONE = "Reloading complete"
 RELOAD_FAILED = re.compile(r"SIGUSR1: (?!Reloading)|Restart failed")
-# The OOM killer picks the process with the highest score; CoreDNS goes first so the agent survives to
-# fail DNS over and restart it (where the container's whole cgroup is not killed as one).
-COREDNS_OOM_SCORE_ADJ = 1000
+# The OOM killer picks the process with the highest score; CoreDNS's is raised this far above the agent's so
+# the agent survives to fail DNS over and restart it (where the container's cgroup is not killed as one).
+# Relative, not 1000: on a bare-metal node CoreDNS must not become the first victim of the whole node.
+OOM_SCORE_ADJ_ABOVE_AGENT = 500
+
+
+def coredns_oom_score_adj() -> int:
+    try:
+        own = int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        own = 0
+    return min(1000, own + OOM_SCORE_ADJ_ABOVE_AGENT)
 
 
 class CoreDnsStartError(RuntimeError):
@@ -114,7 +123,7 @@ class CoreDnsProcess:
         pid = self._proc.pid
         # Raising a score needs no privilege; the window before this write is a few microseconds.
         with contextlib.suppress(OSError):
-            Path(f"/proc/{pid}/oom_score_adj").write_text(str(COREDNS_OOM_SCORE_ADJ))
+            Path(f"/proc/{pid}/oom_score_adj").write_text(str(coredns_oom_score_adj()))
         threading.Thread(target=self._pump_output, name=f"coredns-{pid}-output", daemon=True).start()
         threading.Thread(target=self._wait, name=f"coredns-{pid}-waiter", daemon=True).start()
         return pid
