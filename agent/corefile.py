@@ -514,15 +514,22 @@ def write_if_changed(path: Path, text: str) -> bool:
 def print_corefile(settings: Settings) -> int:
     """``agent --print-corefile``: the Corefile the agent would run, from the current inputs, to stdout."""
     from agent.kubedns import parse_kubedns
-    from agent.sources import SourceError, read_configmap
+    from agent.sources import SourceError, read_configmap, read_service_cluster_ip
 
     try:
         kubedns = None
+        builder = CorefileBuilder(settings, logger=_stderr_logger())
         if settings.kubedns_configmap_api is not None:
+            # With the API at hand, the ConfigMap comes from it, and so does the cluster DNS IP when neither
+            # the flag nor the Service variable gives one (the Service lives next to the ConfigMap).
             namespace, name = settings.kubedns_configmap_api.split("/")
             data = read_configmap(namespace, name, settings.kubeconfig)
             kubedns = parse_kubedns(data or {})
-        rendered = CorefileBuilder(settings, logger=_stderr_logger()).build(kubedns)
+            if builder.cluster_dns_ip() is None:
+                builder.api_cluster_dns_ip = read_service_cluster_ip(
+                    namespace, settings.upstream_svc, settings.kubeconfig
+                )
+        rendered = builder.build(kubedns)
     except (ConfigError, SourceError) as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 1

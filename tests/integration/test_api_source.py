@@ -194,7 +194,8 @@ def test_print_corefile_reads_the_configmap_through_the_api(
     api: FakeApiServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api.set_configmap(NS, NAME, {**STUBS_A, "upstreamNameservers": '["10.0.0.53"]'})
-    monkeypatch.setenv("KUBE_DNS_UPSTREAM_SERVICE_HOST", "10.96.0.11")
+    api.set_service(NS, "kube-dns-upstream", "10.96.0.11")
+    monkeypatch.delenv("KUBE_DNS_UPSTREAM_SERVICE_HOST", raising=False)
     template = Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base"
     argv = ["--print-corefile", "-localip", "169.254.20.10", "-basecorefile", str(template),
             "--kubedns-configmap-api", f"{NS}/{NAME}",
@@ -202,3 +203,4 @@ def test_print_corefile_reads_the_configmap_through_the_api(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "acme.local:53 {" in out and "forward . 10.0.0.53\n" in out
+    assert "forward . 10.96.0.11 {" in out  # the Service's clusterIP, read through the API
