@@ -1,0 +1,280 @@
+"""A Kubernetes API server on loopback that speaks the real wire format for ConfigMaps and Services.
+
+Enough of the API for the agent's sources: list (``ConfigMapList`` with its ``resourceVersion``), watch
+(chunked newline-delimited ``{"type", "object"}`` events from a ``resourceVersion``, bookmarks, the
+server-side ``timeoutSeconds``), get, and the failure modes a real one has: a watch from a compacted
+resourceVersion gets an ``ERROR`` event with a ``410`` ``Status`` (``reason: Expired``), connections drop,
+requests fail with an HTTP status. Every request is recorded so tests can assert what the client asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    query: dict[str, str]
+    at: float
+
+    @property
+    def is_watch(self) -> bool:
+        return self.query.get("watch", "").lower() in ("true", "1")
+
+
+class FakeApiServer:
+    def __init__(self) -> None:
+        self.version = 1000
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[tuple[int, str, dict[str, Any]]] = []  # (resourceVersion, type, object)
+        self.compacted = 0  # a watch from below this resourceVersion gets 410 Gone
+        self.requests: list[Request] = []
+        self.sent: list[int] = []  # resourceVersions of the watch events sent, in order
+        self.fail_next: list[int] = []  # HTTP statuses for the next requests, in order
+        self._cond = threading.Condition()
+        self._drops = 0
+        self._stopping = False
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------------------
+    def __enter__(self) -> FakeApiServer:
+        server = self
+
+        class Handler(_Handler):
+            api = server
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.block_on_close = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="fake apiserver", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        assert self._httpd is not None and self._thread is not None
+        self._httpd.shutdown()
+        self._httpd.server_close()  # joins the handler threads
+        self._thread.join(5)
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                }
+            )
+        )
+        return path
+
+    # Changing the cluster -------------------------------------------------------------------------------
+    def set_configmap(self, namespace: str, name: str, data: dict[str, str], *, emit: bool = True) -> int:
+        """Create or update; ``emit=False`` changes it without a watch event (an event the client missed)."""
+        with self._cond:
+            self.version += 1
+            key = (namespace, name)
+            kind = "MODIFIED" if key in self.configmaps else "ADDED"
+            obj = {
+                "kind": "ConfigMap", "apiVersion": "v1",
+                "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(self.version),
+                             "uid": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{namespace}/{name}"))},
+                "data": dict(data),
+            }  # fmt: skip
+            self.configmaps[key] = obj
+            if emit:
+                self.events.append((self.version, kind, obj))
+            self._cond.notify_all()
+            return self.version
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        with self._cond:
+            self.version += 1
+            obj = self.configmaps.pop((namespace, name))
+            obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.version)}}
+            self.events.append((self.version, "DELETED", obj))
+            self._cond.notify_all()
+
+    def bookmark(self) -> int:
+        """A BOOKMARK event at a new resourceVersion (the API server sends these about once a minute)."""
+        with self._cond:
+            self.version += 1
+            obj = {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.version)},
+            }
+            self.events.append((self.version, "BOOKMARK", obj))
+            self._cond.notify_all()
+            return self.version
+
+    def set_service(self, namespace: str, name: str, cluster_ip: str) -> None:
+        self.services[(namespace, name)] = {
+            "kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(self.version)},
+            "spec": {"clusterIP": cluster_ip, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+        }  # fmt: skip
+
+    def compact(self) -> None:
+        """Forget the history: a watch from an older resourceVersion now gets 410 Gone."""
+        with self._cond:
+            self.compacted = self.version
+
+    def drop_watches(self) -> None:
+        """Break every open watch connection (no final chunk), as a restarting API server or a LB would."""
+        with self._cond:
+            self._drops += 1
+            self._cond.notify_all()
+
+    def watches(self) -> list[Request]:
+        return [r for r in self.requests if r.is_watch]
+
+    def lists(self) -> list[Request]:
+        return [r for r in self.requests if not r.is_watch and r.path.endswith("/configmaps")]
+
+    def wait_for_requests(self, predicate: Any, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.requests):
+                return True
+            time.sleep(0.01)
+        return False
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}  # fmt: skip
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FakeApiServer
+    protocol_version = "HTTP/1.1"
+    drops = 0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        api = self.api
+        request = Request(url.path, query, time.monotonic())
+        with api._cond:
+            api.requests.append(request)
+            failure = api.fail_next.pop(0) if api.fail_next else None
+            self.drops = api._drops  # a drop_watches() from now on ends this request's watch
+        self.close_connection = True
+        if failure is not None:
+            self._json(
+                failure, _status(failure, "InternalError" if failure >= 500 else "Expired", "injected")
+            )
+            return
+        parts = url.path.strip("/").split("/")
+        if len(parts) < 5 or parts[:3] != ["api", "v1", "namespaces"]:
+            self._json(404, _status(404, "NotFound", f"no route {url.path}"))
+            return
+        namespace, resource, name = parts[3], parts[4], parts[5] if len(parts) > 5 else None
+        if resource == "configmaps" and name is None:
+            selected = query.get("fieldSelector", "").removeprefix("metadata.name=") or None
+            if request.is_watch:
+                self._watch(namespace, selected, query)
+            else:
+                self._list(namespace, selected)
+            return
+        store = {"configmaps": api.configmaps, "services": api.services}.get(resource, {})
+        obj = store.get((namespace, name or ""))
+        if obj is None:
+            self._json(404, _status(404, "NotFound", f'{resource} "{name}" not found'))
+        else:
+            self._json(200, obj)
+
+    def _json(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _matches(self, namespace: str, name: str | None, obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata", {})
+        if "name" not in meta:  # a bookmark
+            return True
+        return bool(meta["namespace"] == namespace and (name is None or meta["name"] == name))
+
+    def _list(self, namespace: str, name: str | None) -> None:
+        api = self.api
+        with api._cond:
+            items = [obj for obj in api.configmaps.values() if self._matches(namespace, name, obj)]
+            body = {"kind": "ConfigMapList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(api.version)}, "items": items}  # fmt: skip
+        self._json(200, body)
+
+    def _chunk(self, event: dict[str, Any]) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _watch(self, namespace: str, name: str | None, query: dict[str, str]) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client went away
+            self._stream(namespace, name, query)
+
+    def _stream(self, namespace: str, name: str | None, query: dict[str, str]) -> None:
+        api = self.api
+        since = int(query.get("resourceVersion") or 0)
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        with api._cond:
+            if since < api.compacted:
+                message = f"too old resource version: {since} ({api.compacted})"
+                self._chunk({"type": "ERROR", "object": _status(410, "Expired", message)})
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            sent = since
+            while not api._stopping:
+                if api._drops != self.drops:
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(2)  # abrupt: no final chunk
+                    return
+                pending = [e for e in api.events if e[0] > sent]
+                for version, kind, obj in pending:
+                    sent = version
+                    if (kind != "BOOKMARK" or bookmarks) and self._matches(namespace, name, obj):
+                        self._chunk({"type": kind, "object": obj})
+                        api.sent.append(version)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                api._cond.wait(min(remaining, 0.5))
+        self.wfile.write(b"0\r\n\r\n")

@@ -1,0 +1,255 @@
+"""Rendering: node-cache's placeholders, the stub domain blocks, the probe zone, and every refusal."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.corefile import (
+    HEALTH_PROBE_ANSWER,
+    HEALTH_PROBE_NAME,
+    CorefileError,
+    ProbeEndpoints,
+    probe_endpoints,
+    render,
+    server_blocks,
+)
+from agent.kubedns import KubeDnsConfig, parse_kubedns
+
+TEMPLATE = (Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base").read_text()
+LOCAL = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))
+CLUSTER_DNS = ipaddress.ip_address("10.96.0.11")
+
+
+def rendered(template: str = TEMPLATE, data: dict[str, str] | None = None, **overrides: Any) -> str:
+    args: dict[str, Any] = {
+        "local_ips": LOCAL,
+        "cluster_dns_ip": CLUSTER_DNS,
+        "cluster_domain": "cluster.local",
+        "dns_port": 53,
+        "health_port": 8080,
+        "kubedns": parse_kubedns(data or {}),
+        "upstream_servers": ("10.0.0.53",),
+    }
+    args.update(overrides)
+    return render(template, **args)
+
+
+def block(text: str, key: str) -> str:
+    """The text of the server block whose key line starts with ``key``."""
+    match = re.search(rf"^{re.escape(key)} \{{\n(.*?)^\}}", text, re.S | re.M)
+    assert match, f"no block {key} in:\n{text}"
+    return match.group(1)
+
+
+def test_no_configmap_forwards_the_cluster_zones_over_tcp_and_the_rest_to_resolv_conf() -> None:
+    text = rendered()
+    for zone in ("cluster.local:53", "in-addr.arpa:53", "ip6.arpa:53"):
+        assert "forward . 10.96.0.11 {\n        force_tcp\n    }" in block(text, zone)
+        assert "bind 169.254.20.10 10.96.0.10\n" in block(text, zone)
+    assert "forward . 10.0.0.53\n" in block(text, ".:53")
+    assert "success 9984 30" in block(text, "cluster.local:53")
+    assert "denial 9984 5" in block(text, "cluster.local:53")
+    assert "health 169.254.20.10:8080" in block(text, "cluster.local:53")
+    assert "ready 169.254.20.10:8181" in block(text, "cluster.local:53")
+    assert "__PILLAR__" not in "\n".join(line.split("#")[0] for line in text.splitlines())
+
+
+def test_stub_domains_become_sorted_udp_blocks_bound_to_every_local_address() -> None:
+    stubs = {"zeta.example": ["10.0.0.2"], "acme.local": ["10.0.0.1", "10.0.0.3:5353"]}
+    text = rendered(data={"stubDomains": json.dumps(stubs)})
+    assert block(text, "acme.local:53") == (
+        "    errors\n    cache 30\n    bind 169.254.20.10 10.96.0.10\n    forward . 10.0.0.1 10.0.0.3:5353\n"
+    )
+    assert text.index("acme.local:53 {") < text.index("zeta.example:53 {")
+    assert "forward . 10.0.0.53\n" in block(text, ".:53")  # upstreams unchanged
+
+
+def test_custom_upstreams_replace_resolv_conf_and_drop_force_tcp_only_from_the_dot_block() -> None:
+    # node-cache's older template forwarded "." with force_tcp; custom upstreams switch it to UDP.
+    template = TEMPLATE.replace(
+        "forward . __PILLAR__UPSTREAM__SERVERS__\n",
+        "forward . __PILLAR__UPSTREAM__SERVERS__ {\n        force_tcp\n    }\n",
+    )
+    with_default = rendered(template)
+    assert "forward . 10.0.0.53 {\n        force_tcp\n    }" in block(with_default, ".:53")
+    text = rendered(template, {"upstreamNameservers": '["1.1.1.1", "[2606:4700::1111]:53"]'})
+    assert "    forward . 1.1.1.1 [2606:4700::1111]:53\n    prometheus" in block(text, ".:53")
+    assert "force_tcp" in block(text, "cluster.local:53")
+    # Other options of that forward stay.
+    template = template.replace(
+        "        force_tcp\n    }\n    prometheus",
+        "        force_tcp\n        max_fails 3\n    }\n    prometheus",
+    )
+    text = rendered(template, {"upstreamNameservers": '["1.1.1.1"]'})
+    assert "forward . 1.1.1.1 {\n        max_fails 3\n    }" in block(text, ".:53")
+
+
+def test_stubs_and_upstreams_together() -> None:
+    text = rendered(
+        data={"stubDomains": '{"acme.local": ["10.0.0.1"]}', "upstreamNameservers": '["1.1.1.1"]'}
+    )
+    assert "forward . 10.0.0.1\n" in block(text, "acme.local:53")
+    assert "forward . 1.1.1.1\n" in block(text, ".:53")
+
+
+def test_ipv6_local_address_first_is_bracketed_before_a_port() -> None:
+    local = (ipaddress.ip_address("fd00::10"), ipaddress.ip_address("169.254.20.10"))
+    text = rendered(
+        local_ips=local, data={"stubDomains": '{"acme.local": ["fd00:53::1", "[fd00:53::2]:5353"]}'}
+    )
+    assert "health [fd00::10]:8080" in text
+    assert "bind fd00::10 169.254.20.10\n" in block(text, "acme.local:53")
+    assert "forward . fd00:53::1 [fd00:53::2]:5353\n" in block(text, "acme.local:53")
+    assert probe_endpoints(text).health_url == "http://[fd00::10]:8080/health"
+
+
+def test_dns_and_health_ports_move_every_zone_and_the_health_listener() -> None:
+    text = rendered(dns_port=1053, health_port=9090, data={"stubDomains": '{"acme.local": ["10.0.0.1"]}'})
+    zones = [zone for b in server_blocks(text) for zone in b.zones]
+    assert {port for _, port in zones} == {1053}
+    assert "health 169.254.20.10:9090" in text
+    assert "acme.local:1053 {" in text
+
+
+def test_many_stub_domains_each_get_one_block() -> None:
+    stubs = {f"zone{i:03}.example": [f"10.1.{i // 200}.{i % 200 + 1}"] for i in range(300)}
+    text = rendered(data={"stubDomains": json.dumps(stubs)})
+    zones = [zone for b in server_blocks(text) for zone, _ in b.zones]
+    assert zones.count("zone042.example") == 1
+    assert len(zones) == 5 + 300  # 4 template zones, the probe zone, the stubs
+
+
+def test_the_cluster_domain_is_configurable() -> None:
+    text = rendered(cluster_domain="Corp.Internal.")
+    assert "corp.internal:53 {" in text
+
+
+def test_comments_are_kept_and_not_substituted() -> None:
+    text = rendered("# uses __PILLAR__FUTURE__ and __PILLAR__LOCAL__DNS__\n" + TEMPLATE)
+    assert text.startswith("# uses __PILLAR__FUTURE__ and __PILLAR__LOCAL__DNS__\n")
+
+
+def test_the_probe_zone_is_added_when_the_template_lacks_it_and_kept_once_when_it_has_it() -> None:
+    bare = ".:53 {\n    bind __PILLAR__LOCAL__DNS__\n    forward . __PILLAR__UPSTREAM__SERVERS__\n}\n"
+    for template in (bare, TEMPLATE):
+        text = rendered(template)
+        probe_blocks = [b for b in server_blocks(text) if ("health.node-local-dns", 53) in b.zones]
+        assert len(probe_blocks) == 1
+        assert f"IN A {HEALTH_PROBE_ANSWER}" in text
+    assert HEALTH_PROBE_NAME == "health.node-local-dns."
+
+
+def test_endpoints_come_from_the_rendered_corefile() -> None:
+    assert probe_endpoints(rendered()) == ProbeEndpoints(
+        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready"
+    )
+    defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n}\n"
+    assert probe_endpoints(defaults) == ProbeEndpoints(
+        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready"
+    )
+    assert probe_endpoints(".:53 {\n    whoami\n}\n") == ProbeEndpoints(None, None)
+
+
+def test_the_same_inputs_render_the_same_bytes() -> None:
+    a = {"stubDomains": '{"b.example": ["10.0.0.2"], "a.example": ["10.0.0.1"]}'}
+    b = {"stubDomains": '{"a.example": ["10.0.0.1"], "B.example.": ["10.0.0.2"]}'}
+    assert rendered(data=a) == rendered(data=b)
+
+
+_domain = st.from_regex(r"[a-z][a-z0-9]{0,8}(\.[a-z][a-z0-9]{0,8}){0,2}", fullmatch=True).filter(
+    lambda d: d not in {"in-addr.arpa", "ip6.arpa", "cluster.local"}
+)
+_server = st.ip_addresses(v=4, network="10.0.0.0/8").map(str)
+
+
+@given(stubs=st.dictionaries(_domain, st.lists(_server, min_size=1, max_size=3, unique=True), max_size=8))
+def test_stub_order_in_the_configmap_does_not_change_the_output(stubs: dict[str, list[str]]) -> None:
+    forward = rendered(data={"stubDomains": json.dumps(stubs)})
+    backward = rendered(data={"stubDomains": json.dumps(dict(reversed(stubs.items())))})
+    assert forward == backward
+    zones = [zone for b in server_blocks(forward) for zone, _ in b.zones]
+    assert sorted(zones[5:]) == zones[5:] == sorted(stubs)
+
+
+def _first_line_with(text: str) -> int:
+    return next(n for n, line in enumerate(TEMPLATE.splitlines(), 1) if text in line)
+
+
+BAD_TEMPLATE = [
+    ("bind __PILLAR__LOCAL__DNS__\n.:53 {\n    forward . __PILLAR__UPSTREAM_SERVERS__\n}\n", {},
+     "Corefile template line 3: unknown placeholder __PILLAR__UPSTREAM_SERVERS__ "
+     "(known: __PILLAR__LOCAL__DNS__"),
+    (TEMPLATE, {"cluster_dns_ip": None},
+     f"Corefile template line {_first_line_with('forward . __PILLAR__CLUSTER__DNS__')}: "
+     "__PILLAR__CLUSTER__DNS__ has no value: the kube-dns-upstream Service's IP is "
+     "unknown (set its *_SERVICE_HOST variable through -upstreamsvc, or --cluster-dns-ip)"),
+    (TEMPLATE, {"upstream_servers": ()},
+     "__PILLAR__UPSTREAM__SERVERS__ has no value: no upstreamNameservers and no nameserver in resolv.conf"),
+    (TEMPLATE, {"local_ips": ()}, "-localip: no local address given"),
+    (TEMPLATE, {"cluster_domain": "cluster..local"},
+     "--cluster-domain: 'cluster..local' is not a domain name"),
+    (TEMPLATE, {"upstream_servers": ("resolver.example",)},
+     "upstream servers (resolv.conf): 'resolver.example' is not an IP address"),
+    (".:53 {\n    forward . 1.1.1.1\n", {}, "Corefile line 1: the block of .:53 is not closed"),
+    (".:53 {\n}\n}\n", {}, "Corefile line 3: '}' closes no block"),
+    (".:53 {\n}\nexample.org:53\n", {}, "Corefile line 3: example.org:53 has no block"),
+    ('.:53 {\n    template IN A . {\n        answer "{{ .Name }} 0 IN A 1.2.3.4\n    }\n}\n', {},
+     "Corefile line 3: a quoted string is not closed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("template", "overrides", "message"), BAD_TEMPLATE, ids=[m for *_, m in BAD_TEMPLATE]
+)
+def test_bad_template_or_inputs_are_refused_with_the_place_and_the_problem(
+    template: str, overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(CorefileError) as info:
+        rendered(template, **overrides)
+    assert message in str(info.value)
+
+
+BAD_STUBS = [
+    ('{"cluster.local": ["10.0.0.1"]}', {},
+     "stubDomains: 'cluster.local' is the cluster domain; it is always forwarded to the cluster DNS"),
+    ('{"Corp.Internal": ["10.0.0.1"]}', {"cluster_domain": "corp.internal"},
+     "'corp.internal' is the cluster domain"),
+    ('{"in-addr.arpa": ["10.0.0.1"]}', {}, "stubDomains: 'in-addr.arpa' is already a zone of the Corefile"),
+    ('{"health.node-local-dns": ["10.0.0.1"]}', {},
+     "'health.node-local-dns' is already a zone of the Corefile"),
+    ('{"acme.local": ["169.254.20.10"]}', {},
+     "stubDomains['acme.local']: 169.254.20.10 is this cache's own address; forwarding to it would loop"),
+    ('{"acme.local": ["dns://10.96.0.10:1053"]}', {"dns_port": 1053},
+     "dns://10.96.0.10:1053 is this cache's own"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("stubs", "overrides", "message"), BAD_STUBS, ids=[m for *_, m in BAD_STUBS])
+def test_stub_domains_that_clash_with_the_corefile_are_refused(
+    stubs: str, overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(CorefileError) as info:
+        rendered(data={"stubDomains": stubs}, **overrides)
+    assert message in str(info.value)
+
+
+def test_a_stub_server_on_a_local_address_but_another_port_is_fine() -> None:
+    assert "forward . 169.254.20.10:5353" in rendered(
+        data={"stubDomains": '{"acme.local": ["169.254.20.10:5353"]}'}
+    )
+
+
+def test_an_upstream_that_is_the_cache_itself_is_refused() -> None:
+    with pytest.raises(CorefileError, match=r"^upstreamNameservers: 10.96.0.10 is this cache's own address"):
+        render(
+            TEMPLATE, local_ips=LOCAL, cluster_dns_ip=CLUSTER_DNS, cluster_domain="cluster.local",
+            dns_port=53, health_port=8080, kubedns=KubeDnsConfig(upstream_nameservers=("10.96.0.10",)),
+        )  # fmt: skip
