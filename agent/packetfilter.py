@@ -34,7 +34,8 @@ from agent.xtables import (
 FULL_CHECK_INTERVAL = 60.0
 # How often one change is re-planned after iptables-restore failed for a reason other than the lock.
 _MAX_APPLY_ATTEMPTS = 3
-_LOCK_RETRY_PAUSE = 0.2  # seconds between two lock waits of one operation
+_LOCK_WAITS = 2  # bounded lock waits per operation and family, a short pause between them
+_LOCK_RETRY_PAUSE = 0.2  # seconds
 _RECONCILE_BACKOFF = (1.0, 30.0)  # first and longest pause of reconcile after a failed change, seconds
 
 log = get_logger("packetfilter")
@@ -63,7 +64,6 @@ class Converger:
     xtables: Xtables
     metrics: Metrics
     fingerprint: Fingerprint | None = None
-    clock: Callable[[], float] = time.monotonic
 
     def converge(
         self,
@@ -75,7 +75,7 @@ class Converger:
     ) -> Converged:
         """Raises PacketFilterError (XtablesLockError, PacketFilterInterruptError) when it cannot."""
         applied: list[Plan] = []
-        failures = 0
+        failures = lock_waits = 0
         while True:
             if abort is not None and abort.is_set():
                 raise PacketFilterInterruptError(f"IPv{family} rules: interrupted before a change")
@@ -93,7 +93,8 @@ class Converger:
                 applied.append(todo)
             except XtablesLockError:
                 self.metrics.setup_errors.labels("iptables_lock").inc()
-                if self.clock() + _LOCK_RETRY_PAUSE >= deadline:
+                lock_waits += 1
+                if lock_waits >= _LOCK_WAITS or time.monotonic() + _LOCK_RETRY_PAUSE >= deadline:
                     raise
                 log.warning("xtables lock busy, retrying", family=family, pause=_LOCK_RETRY_PAUSE)
                 if (abort or threading.Event()).wait(_LOCK_RETRY_PAUSE):
@@ -105,7 +106,7 @@ class Converger:
             except PacketFilterError as exc:
                 self.metrics.setup_errors.labels("iptables").inc()
                 failures += 1
-                if failures >= _MAX_APPLY_ATTEMPTS or self.clock() >= deadline:
+                if failures >= _MAX_APPLY_ATTEMPTS or time.monotonic() >= deadline:
                     raise
                 log.warning("rule change failed, planning again", family=family, error=str(exc))
 
@@ -140,7 +141,7 @@ class PacketFilter:
     xtables: Xtables | None = None
     fingerprint: Fingerprint | None = None
     detect: Callable[[], Mode] = detect_mode
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.monotonic  # schedules reconcile; deadlines are always real time
     full_check_interval: float = FULL_CHECK_INTERVAL
     _wanted: bool = field(default=False, init=False)
     _host: bool = field(default=False, init=False)
@@ -164,7 +165,7 @@ class PacketFilter:
         if self.fingerprint is None:
             self.fingerprint = LegacyFingerprint() if self.xtables.mode == "legacy" else NftGeneration()
         self._families: tuple[Family, ...] = tuple(sorted({family_of(ip) for ip in s.local_ips}))
-        self._converger = Converger(self.xtables, self.metrics, self.fingerprint, self.clock)
+        self._converger = Converger(self.xtables, self.metrics, self.fingerprint)
 
     # State -----------------------------------------------------------------------------------------------
     @property
@@ -236,7 +237,7 @@ class PacketFilter:
     # Internals -------------------------------------------------------------------------------------------
     def _default_deadline(self) -> float:
         # Two bounded lock waits and a pause: long enough to outlast kube-proxy's sync, never a hang.
-        return self.clock() + 2 * max(1.0, self.settings.xtables_wait) + 1.0
+        return time.monotonic() + 2 * max(1.0, self.settings.xtables_wait) + 1.0
 
     def _unchanged(self) -> bool:
         assert self.fingerprint is not None

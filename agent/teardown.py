@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 from agent.config import Settings
 from agent.interface import Interface, InterfaceError
@@ -29,6 +30,7 @@ def remove_leftover_rules(
     *,
     deadline: float | None = None,
     abort: threading.Event | None = None,
+    backends: Sequence[Xtables] | None = None,
 ) -> list[str]:
     """Remove every rule carrying the agent's tag, in both backends and both families, e.g. those of a run
     that was killed (SIGKILL, OOM) before it could clean up. Call at start, before installing.
@@ -38,9 +40,11 @@ def remove_leftover_rules(
         return []
     if deadline is None:
         deadline = time.monotonic() + 2 * (2 * max(1.0, settings.xtables_wait) + 1.0)
+    if backends is None:
+        backends = [Xtables(mode, settings.xtables_lock, settings.xtables_wait) for mode in MODES]
     changes: list[str] = []
-    for mode in MODES:
-        xtables = Xtables(mode, settings.xtables_lock, settings.xtables_wait)
+    for xtables in backends:
+        mode = xtables.mode
         try:
             changes += remove_tagged_rules(xtables, metrics, deadline=deadline, abort=abort)
         except XtablesUnavailableError as exc:
