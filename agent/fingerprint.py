@@ -13,6 +13,7 @@ reconcile treats as "changed".
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -61,17 +62,24 @@ class LegacyFingerprint:
     """Hash of the built-in chains the agent uses (raw PREROUTING/OUTPUT, filter INPUT/OUTPUT).
 
     Only tables listed in /proc/net/ip{,6}_tables_names are read: asking the kernel for a table that does
-    not exist yet would create it."""
+    not exist yet would create it. A legacy table, once there, stays until its namespace goes, so the list
+    is read only until both tables were seen."""
 
     proc_net: Path = Path("/proc/net")
     _libc: ctypes.CDLL = field(default_factory=_libc, repr=False)
+    _seen: dict[Family, set[str]] = field(default_factory=dict, repr=False)
+
+    def _existing(self, family: Family) -> set[str]:
+        seen = self._seen.setdefault(family, set())
+        if not seen.issuperset(TABLES):
+            names = self.proc_net / ("ip_tables_names" if family == 4 else "ip6_tables_names")
+            with contextlib.suppress(FileNotFoundError):
+                seen |= set(names.read_text().split())
+        return seen
 
     def __call__(self, family: Family) -> Hashable | None:
-        names = self.proc_net / ("ip_tables_names" if family == 4 else "ip6_tables_names")
         try:
-            existing = set(names.read_text().split())
-        except FileNotFoundError:
-            existing = set()
+            existing = self._existing(family)
         except OSError:
             return None
         af, level = (
@@ -112,28 +120,32 @@ class LegacyFingerprint:
 
 
 def chain_bytes(blob: bytes, family: Family, first: int, last: int) -> bytes:
-    """The entries of one built-in chain (``first`` to its policy entry at ``last``), with what changes
-    without a rule changing zeroed: packet counters, the kernel's ``comefrom`` mark and jump offsets (which
-    move when any user chain grows)."""
+    """The entries of one built-in chain (``first`` to its policy entry at ``last``) without what changes
+    when no rule does: packet counters, the kernel's ``comefrom`` mark and jump offsets (which move when any
+    user chain grows). Each entry keeps its own lengths, so the concatenation is unambiguous."""
     layout = _LAYOUT[family]
-    out = bytearray()
+    view = memoryview(blob)
+    skip_from, skip_to = layout.comefrom, layout.counters + 16
+    parts: list[memoryview] = []
     offset = first
-    while offset <= last and offset + layout.counters + 16 <= len(blob):
+    while offset <= last and offset + skip_to <= len(blob):
         target_offset, next_offset = struct.unpack_from("=HH", blob, offset + layout.target_offset)
         if next_offset == 0:
             break
-        entry = bytearray(blob[offset : offset + next_offset])
-        entry[layout.comefrom : layout.comefrom + 4] = bytes(4)
-        entry[layout.counters : layout.counters + 16] = bytes(16)
-        name_at = target_offset + _STANDARD_TARGET_NAME
-        verdict_at = target_offset + _STANDARD_VERDICT
-        if entry[name_at] == 0 and verdict_at + 4 <= len(entry):
-            (verdict,) = struct.unpack_from("=i", entry, verdict_at)
-            if verdict >= 0:  # a jump: the offset of a user chain, not a verdict
-                struct.pack_into("=i", entry, verdict_at, 0)
-        out += entry
-        offset += next_offset
-    return bytes(out)
+        end = offset + next_offset
+        parts.append(view[offset : offset + skip_from])
+        target = offset + target_offset
+        verdict_at = target + _STANDARD_VERDICT
+        if (
+            verdict_at + 4 <= end
+            and blob[target + _STANDARD_TARGET_NAME] == 0  # the standard target: a verdict or a jump
+            and struct.unpack_from("=i", blob, verdict_at)[0] >= 0  # a jump: an offset, not a verdict
+        ):
+            parts += [view[offset + skip_to : verdict_at], view[verdict_at + 4 : end]]
+        else:
+            parts.append(view[offset + skip_to : end])
+        offset = end
+    return b"".join(parts)
 
 
 _NFNL_SUBSYS_NFTABLES = 10
