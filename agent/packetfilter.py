@@ -80,10 +80,18 @@ class Converger:
             if abort is not None and abort.is_set():
                 raise PacketFilterInterruptError(f"IPv{family} rules: interrupted before a change")
             seen = self.fingerprint(family) if self.fingerprint is not None else None
-            todo = plan(family, read_tagged(self.xtables, family, deadline=deadline), wanted)
+            try:
+                observed = read_tagged(self.xtables, family, deadline=deadline)
+            except PacketFilterInterruptError:
+                raise
+            except PacketFilterError:
+                self.metrics.setup_errors.labels("iptables").inc()
+                raise
+            todo = plan(family, observed, wanted)
             if not todo:
                 return Converged(tuple(applied), seen)
             if len(applied) >= _MAX_APPLY_ATTEMPTS:
+                self.metrics.setup_errors.labels("iptables").inc()
                 raise PacketFilterError(
                     f"IPv{family} rules in {self.xtables.mode} did not converge after "
                     f"{len(applied)} changes; still to do: {'; '.join(todo.describe())}"

@@ -13,7 +13,14 @@ from agent.config import Settings
 from agent.metrics import Metrics
 from agent.packetfilter import PacketFilter
 from agent.rules import wanted_rules
-from agent.xtables import Mode, PacketFilterError, PacketFilterInterruptError, Xtables, XtablesLockError
+from agent.xtables import (
+    Mode,
+    PacketFilterError,
+    PacketFilterInterruptError,
+    Result,
+    Xtables,
+    XtablesLockError,
+)
 from tests.unit.fakes import FakeIptables
 
 IPS = ("169.254.20.10", "10.96.0.10", "fd00::10")
@@ -273,8 +280,26 @@ def test_rules_that_never_read_back_as_written_are_an_error_not_a_loop() -> None
             )
         return real(argv, **kw)
 
-    pf, _ = make(fake)
+    pf, metrics = make(fake)
     pf.xtables.run = mangling  # type: ignore[union-attr]
     with pytest.raises(PacketFilterError, match="did not converge"):
         pf.install(host_rules=False)
     assert len([c for c in fake.calls if c[0] == "iptables-nft-restore"]) == 3
+    assert sample(metrics, "coredns_nodecache_setup_errors_total", errortype="iptables") == 1
+
+
+def test_a_failing_read_is_counted_and_reported_with_the_command_and_its_message() -> None:
+    fake = FakeIptables()
+    real = fake.__call__
+
+    def broken_save(argv, **kw):  # type: ignore[no-untyped-def]
+        if argv[0].endswith("-save"):
+            return Result(1, "", "iptables-nft-save: can't initialize: Permission denied")
+        return real(argv, **kw)
+
+    pf, metrics = make(fake)
+    pf.xtables.run = broken_save  # type: ignore[union-attr]
+    with pytest.raises(PacketFilterError, match=r"iptables-nft-save -t raw exited 1: .*Permission denied"):
+        pf.install(host_rules=False)
+    assert sample(metrics, "coredns_nodecache_setup_errors_total", errortype="iptables") == 1
+    assert not pf.installed
