@@ -249,7 +249,7 @@ def test_a_held_xtables_lock_bounds_the_wait_counts_the_error_and_recovers(node_
             net.call("install", host_rules=True)
         waited = time.monotonic() - start
         assert busy.value.kind == "XtablesLockError"
-        assert 2.0 <= waited < 4.0  # two bounded waits of 1 s and a pause, then an error, not a hang
+        assert 2.0 <= waited < 5.0  # two bounded waits of 1 s and a pause, then an error, not a hang
         assert net.metric("coredns_nodecache_setup_errors_total", errortype="iptables_lock") == 2
         assert tagged(box, 4) == Counter()
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -275,7 +275,7 @@ def test_sigterm_during_a_lock_wait_still_tears_down_in_time() -> None:
         time.sleep(0.3)
         fcntl.flock(lock, fcntl.LOCK_UN)  # kube-proxy finishes its sync
         assert net.proc.wait(5) == 0
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 3.0  # not the 2 x 10 s the interrupted change would have waited
         assert tagged(box, 4) == Counter()
         assert box.exec(box.node, ["ip", "link", "show", "nodelocaldns"], check=False) == ""
 
