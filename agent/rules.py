@@ -1,0 +1,179 @@
+"""The agent's packet-filter rules as data: what it installs, how to find its own, and how to converge.
+
+Pure logic, no OS calls. Every rule is written in the exact spelling ``iptables-save`` prints (iptables
+1.8, legacy and nft alike), so a rule is identified by comparing text: present, missing or duplicated.
+``-j CT --notrack`` is used rather than ``-j NOTRACK``: the two are saved differently, and only one spelling
+can be compared. Every rule carries a comment starting with :data:`TAG`; a tagged rule that is not in the
+wanted set (an earlier run's address, a hand-edited copy) is removed, and nothing untagged is ever touched.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.config import IPAddress
+
+Family = Literal[4, 6]
+Group = Literal["pod", "host"]
+FAMILIES: tuple[Family, ...] = (4, 6)
+# The tables and built-in chains the agent writes to; nothing else is read or written.
+TABLES: tuple[str, ...] = ("raw", "filter")
+CHAINS: dict[str, tuple[str, ...]] = {"raw": ("PREROUTING", "OUTPUT"), "filter": ("INPUT", "OUTPUT")}
+
+TAG = "NodeLocal DNS agent"
+SKIP_CONNTRACK = f"{TAG}: skip conntrack"
+HOST_QUERIES = f"{TAG}: host queries skip conntrack"
+ALLOW_DNS = f"{TAG}: allow DNS traffic"
+
+
+class RuleSyntaxError(ValueError):
+    """A line of ``iptables-save`` output could not be read; the message quotes it."""
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    """One rule: where it lives and its specification as ``iptables-save`` prints it (after ``-A CHAIN``)."""
+
+    family: Family
+    table: str
+    chain: str
+    spec: str
+    group: Group = field(default="pod", compare=False)
+
+    def describe(self) -> str:
+        return f"IPv{self.family} {self.table} {self.chain} {self.spec}"
+
+
+def family_of(ip: IPAddress) -> Family:
+    return 4 if ip.version == 4 else 6
+
+
+def _cidr(ip: IPAddress) -> str:
+    return f"{ip}/{32 if ip.version == 4 else 128}"
+
+
+def _spec(*parts: str, comment: str, target: str) -> str:
+    return " ".join([*parts, "-m comment --comment", f'"{comment}"', target])
+
+
+def wanted_rules(
+    local_ips: Sequence[IPAddress], *, dns_port: int, health_port: int, host_rules: bool
+) -> list[Rule]:
+    """The rule set for the given addresses, in the order the rules should stand at the top of each chain.
+
+    Per address and protocol (see the README for why each exists):
+    raw PREROUTING  -d ADDR --dport 53 -m socket  NOTRACK  pods' queries skip conntrack and kube-proxy's DNAT
+                                                          only while a socket is bound to ADDR
+    raw OUTPUT      -s ADDR --sport 53            NOTRACK  the replies
+    raw OUTPUT      -d ADDR --dport 53            NOTRACK  host-originated queries (group "host")
+    raw OUTPUT      -d/-s ADDR tcp HEALTH         NOTRACK  the kubelet's liveness probe
+    filter INPUT    -d ADDR --dport 53            ACCEPT   untracked packets pass a host firewall
+    filter OUTPUT   -s ADDR --sport 53            ACCEPT
+    """
+    rules: list[Rule] = []
+    for ip in local_ips:
+        fam, addr = family_of(ip), _cidr(ip)
+
+        def add(table: str, chain: str, spec: str, group: Group = "pod", fam: Family = fam) -> None:
+            rules.append(Rule(fam, table, chain, spec, group))
+
+        for proto in ("udp", "tcp"):
+            dport = f"-d {addr} -p {proto} -m {proto} --dport {dns_port}"
+            sport = f"-s {addr} -p {proto} -m {proto} --sport {dns_port}"
+            add(
+                "raw",
+                "PREROUTING",
+                _spec(dport, "-m socket", comment=SKIP_CONNTRACK, target="-j CT --notrack"),
+            )
+            add("raw", "OUTPUT", _spec(sport, comment=SKIP_CONNTRACK, target="-j CT --notrack"))
+            if host_rules:
+                add("raw", "OUTPUT", _spec(dport, comment=HOST_QUERIES, target="-j CT --notrack"), "host")
+            add("filter", "INPUT", _spec(dport, comment=ALLOW_DNS, target="-j ACCEPT"))
+            add("filter", "OUTPUT", _spec(sport, comment=ALLOW_DNS, target="-j ACCEPT"))
+        health = f"-p tcp -m tcp --dport {health_port}"
+        add("raw", "OUTPUT", _spec(f"-d {addr}", health, comment=SKIP_CONNTRACK, target="-j CT --notrack"))
+        health = f"-p tcp -m tcp --sport {health_port}"
+        add("raw", "OUTPUT", _spec(f"-s {addr}", health, comment=SKIP_CONNTRACK, target="-j CT --notrack"))
+    return rules
+
+
+def is_tagged(spec: str) -> bool:
+    """True when the rule's comment carries the agent's tag (parsed, so a tag inside another field is not)."""
+    if TAG not in spec:
+        return False
+    try:
+        words = shlex.split(spec)
+    except ValueError as exc:
+        raise RuleSyntaxError(f"cannot split rule {spec!r}: {exc}") from None
+    return any(
+        word == "--comment" and i + 1 < len(words) and words[i + 1].startswith(f"{TAG}:")
+        for i, word in enumerate(words)
+    )
+
+
+def tagged_rules(save_output: str, family: Family) -> list[Rule]:
+    """The agent's rules in ``iptables-save`` output, in order, duplicates kept (any table, any chain)."""
+    found: list[Rule] = []
+    table = ""
+    for line in save_output.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            chain, _, spec = line[3:].partition(" ")
+            if not table:
+                raise RuleSyntaxError(f"rule outside a table in iptables-save output: {line!r}")
+            if is_tagged(spec):
+                found.append(Rule(family, table, chain, spec))
+    return found
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to change for one family: rules to delete (duplicates, strays) and rules to insert (missing)."""
+
+    family: Family
+    delete: tuple[Rule, ...] = ()
+    insert: tuple[Rule, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.delete or self.insert)
+
+    def restore_input(self) -> str:
+        """``iptables-restore --noflush`` input: per table, deletions first, then insertions at the top.
+
+        Insertions go in reverse so the rules end up in the wanted order. A table is one transaction: if
+        any line fails (say another program deleted a rule first), nothing of that table changes."""
+        out: list[str] = []
+        for table in sorted({r.table for r in (*self.delete, *self.insert)}, key=_table_order):
+            out.append(f"*{table}")
+            out += [f"-D {r.chain} {r.spec}" for r in self.delete if r.table == table]
+            out += [f"-I {r.chain} 1 {r.spec}" for r in reversed(self.insert) if r.table == table]
+            out.append("COMMIT")
+        return "\n".join(out) + "\n" if out else ""
+
+    def describe(self) -> list[str]:
+        return [f"removed {r.describe()}" for r in self.delete] + [
+            f"added {r.describe()}" for r in self.insert
+        ]
+
+
+def _table_order(table: str) -> tuple[int, str]:
+    return (TABLES.index(table) if table in TABLES else len(TABLES), table)
+
+
+def plan(family: Family, observed: Iterable[Rule], wanted: Iterable[Rule]) -> Plan:
+    """Converge ``observed`` (the tagged rules now present) to ``wanted``: keep one copy of each wanted rule,
+    delete every other tagged rule, insert what is missing."""
+    want = [r for r in wanted if r.family == family]
+    have = Counter(r for r in observed if r.family == family)
+    want_set = set(want)
+    delete: list[Rule] = []
+    for rule, count in have.items():
+        keep = 1 if rule in want_set else 0
+        delete += [rule] * (count - keep)
+    insert = [r for r in want if r not in have]
+    return Plan(family, tuple(delete), tuple(insert))

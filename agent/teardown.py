@@ -1,0 +1,76 @@
+"""Removing the agent's networking: ``agent --teardown``, and an earlier run's leftovers at start.
+
+Order matters: rules first, then addresses and the interface. The other way round, the host-query rules
+would for a moment send the node's own queries to an address nobody holds any more.
+
+Both iptables backends are cleaned, not only the one in use: an earlier run may have chosen the other
+(the kubelet's canary chain appeared later, or the mode was forced differently). Reading a backend creates
+nothing, and a backend holding none of the agent's rules is not written to.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from agent.config import Settings
+from agent.interface import Interface, InterfaceError
+from agent.logs import get_logger, setup_logging
+from agent.metrics import Metrics
+from agent.packetfilter import remove_tagged_rules
+from agent.xtables import MODES, PacketFilterError, Xtables, XtablesUnavailableError
+
+log = get_logger("teardown")
+
+
+def remove_leftover_rules(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    deadline: float | None = None,
+    abort: threading.Event | None = None,
+    backends: Sequence[Xtables] | None = None,
+) -> list[str]:
+    """Remove every rule carrying the agent's tag, in both backends and both families, e.g. those of a run
+    that was killed (SIGKILL, OOM) before it could clean up. Call at start, before installing.
+
+    Raises PacketFilterError (XtablesLockError when the lock stayed busy past ``deadline``)."""
+    if not settings.setup_iptables:
+        return []
+    if deadline is None:
+        deadline = time.monotonic() + 2 * (2 * max(1.0, settings.xtables_wait) + 1.0)
+    if backends is None:
+        backends = [Xtables(mode, settings.xtables_lock, settings.xtables_wait) for mode in MODES]
+    changes: list[str] = []
+    for xtables in backends:
+        mode = xtables.mode
+        try:
+            changes += remove_tagged_rules(xtables, metrics, deadline=deadline, abort=abort)
+        except XtablesUnavailableError as exc:
+            log.debug("backend not available, nothing to clean there", mode=mode, error=str(exc))
+    if changes:
+        log.warning("removed leftover rules", cause="an earlier run did not clean up", changes=changes)
+    return changes
+
+
+def teardown(settings: Settings) -> int:
+    """``agent --teardown``: rules, then addresses and the interface. Idempotent; 0 when all is gone."""
+    setup_logging(settings.log_format)
+    metrics = Metrics()
+    ok = True
+    if settings.setup_iptables:
+        try:
+            remove_leftover_rules(settings, metrics)
+        except PacketFilterError as exc:
+            log.error("rules not removed", error=str(exc))
+            ok = False
+    if settings.setup_interface:
+        with Interface(settings.interface_name, settings.local_ips, metrics) as interface:
+            try:
+                interface.remove()
+            except InterfaceError as exc:
+                log.error("interface not removed", error=str(exc))
+                ok = False
+    log.info("teardown done" if ok else "teardown incomplete", interface=settings.interface_name)
+    return 0 if ok else 1
