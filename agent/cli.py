@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
     )
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    b("--probe-mark", dest="probe_mark", type=lambda v: int(v, 0), metavar="BIT",
+      help="firewall mark (one bit) on the agent's DNS probes (default 0x2000)")  # fmt: skip
     return p
 
 
@@ -164,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.teardown import teardown
 
         return teardown(settings)
-    from agent.supervisor import run_agent
+    from agent.run import run_agent
 
     return run_agent(settings)
 

@@ -65,6 +65,10 @@ class Settings:
     xtables_lock: Path = Path("/run/xtables.lock")
     xtables_wait: float = 2.0
     log_format: LogFormat = "auto"
+    # The firewall mark on the agent's DNS probes; a rule lets marked probes to the local addresses skip
+    # conntrack, so they reach CoreDNS even while kube-proxy still DNATs the kube-dns ClusterIP. One bit,
+    # clear of kube-proxy's 0x4000/0x8000 and of Calico's and Weave's upper bits.
+    probe_mark: int = 0x2000
 
     def __post_init__(self) -> None:
         if len(set(self.local_ips)) != len(self.local_ips):
@@ -82,6 +86,8 @@ class Settings:
         if self.health_port == self.dns_port:
             raise ConfigError(f"-health-port: {self.health_port} is also the DNS port")
         parse_host_port(self.metrics_listen_address, "-metrics-listen-address")
+        if not 0 < self.probe_mark < 1 << 32 or self.probe_mark & (self.probe_mark - 1):
+            raise ConfigError(f"--probe-mark: {self.probe_mark:#x} is not a single bit of a 32-bit mark")
         if self.check_max_age <= 0:
             raise ConfigError(f"--check-max-age: {self.check_max_age}s must be positive")
         if self.kubedns_configmap_api is not None and self.kubedns_configmap_api.count("/") != 1:

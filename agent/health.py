@@ -6,9 +6,10 @@ does not make every node restart its cache. The prober is a thread that only pos
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
@@ -31,16 +32,24 @@ class ProbeSettings:
     port: int
     name: str
     health_url: str | None
+    mark: int | None = None  # SO_MARK for the DNS probes (the probe rules match it)
     interval: float = 0.5  # seconds between rounds
     timeout: float = 0.5  # seconds per DNS query and per HTTP request
 
 
-def probe_dns(address: IPAddress, port: int, name: str, timeout: float) -> tuple[bool, str, float]:
+def probe_dns(
+    address: IPAddress, port: int, name: str, timeout: float, mark: int | None = None
+) -> tuple[bool, str, float]:
     """One UDP query; healthy when CoreDNS answers NOERROR with an answer."""
     query = dns.message.make_query(name, dns.rdatatype.A)
     started = time.monotonic()
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
-        reply = dns.query.udp(query, str(address), port=port, timeout=timeout)
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            reply = dns.query.udp(query, str(address), port=port, timeout=timeout, sock=sock)
     except dns.exception.Timeout:
         return False, f"no answer from {address}:{port} within {timeout}s", timeout
     except OSError as exc:
@@ -92,7 +101,9 @@ def probe_round(settings: ProbeSettings, session: requests.Session) -> tuple[boo
     """Every local address answers the probe name, and /health says 200."""
     slowest = 0.0
     for address in settings.addresses:
-        ok, detail, latency = probe_dns(address, settings.port, settings.name, settings.timeout)
+        ok, detail, latency = probe_dns(
+            address, settings.port, settings.name, settings.timeout, settings.mark
+        )
         slowest = max(slowest, latency)
         if not ok:
             return False, detail, slowest
@@ -101,7 +112,3 @@ def probe_round(settings: ProbeSettings, session: requests.Session) -> tuple[boo
         if not ok:
             return False, detail, slowest
     return True, "ok", slowest
-
-
-def all_answer(addresses: Sequence[IPAddress], port: int, name: str, timeout: float) -> bool:
-    return all(probe_dns(a, port, name, timeout)[0] for a in addresses)

@@ -32,4 +32,4 @@ def setup_logging(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
 
 def get_logger(component: str) -> Any:
     """A logger whose events carry ``component``; call sites log one event per state change, with a cause."""
-    return structlog.get_logger().bind(component=component)
+    return structlog.get_logger(component=component)  # lazy: bound at first use, after setup_logging

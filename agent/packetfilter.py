@@ -153,6 +153,7 @@ class PacketFilter:
     full_check_interval: float = FULL_CHECK_INTERVAL
     _wanted: bool = field(default=False, init=False)
     _host: bool = field(default=False, init=False)
+    _pod: bool = field(default=False, init=False)
     _converged: bool = field(default=False, init=False)
     _verified: dict[Family, Hashable | None] = field(default_factory=dict, init=False)
     _next_full_check: float = field(default=0.0, init=False)
@@ -183,7 +184,7 @@ class PacketFilter:
 
     @property
     def installed(self) -> bool:
-        return self._wanted and self._converged
+        return self._wanted and self._pod and self._converged
 
     @property
     def host_rules(self) -> bool:
@@ -191,10 +192,16 @@ class PacketFilter:
         return self._wanted and self._host
 
     # Operations ------------------------------------------------------------------------------------------
+    def prepare(self, *, deadline: float | None = None) -> list[str]:
+        """Install only the health-probe rules, so the agent can probe CoreDNS on every local address before
+        any pod or host traffic is sent its way; stray tagged rules go in the same transaction."""
+        self._wanted, self._pod, self._host = True, False, False
+        return self._converge("probe rules", deadline)
+
     def install(self, host_rules: bool, *, deadline: float | None = None) -> list[str]:
         """Install the rule set (with the host-query rules if ``host_rules``); stray and duplicate tagged
         rules, e.g. an earlier run's, are removed in the same transaction. Returns the changes made."""
-        self._wanted, self._host = True, host_rules
+        self._wanted, self._pod, self._host = True, True, host_rules
         return self._converge("install", deadline)
 
     def set_host_rules(self, enabled: bool, *, deadline: float | None = None) -> list[str]:
@@ -265,8 +272,9 @@ class PacketFilter:
             raise PacketFilterInterruptError(f"{cause}: the packet filter is shutting down")
         s = self.settings
         wanted = wanted_rules(
-            s.local_ips, dns_port=s.dns_port, health_port=s.health_port, host_rules=self._host
-        )
+            s.local_ips, dns_port=s.dns_port, health_port=s.health_port, host_rules=self._host,
+            pod_rules=self._pod, probe_mark=s.probe_mark,
+        )  # fmt: skip
         deadline = deadline or self._default_deadline()
         changes: list[str] = []
         try:

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.config import IPAddress
+from agent.config import IPAddress, Settings
 
 Family = Literal[4, 6]
-Group = Literal["pod", "host"]
+Group = Literal["pod", "host", "probe"]
 FAMILIES: tuple[Family, ...] = (4, 6)
 # The tables and built-in chains the agent writes to; nothing else is read or written.
 TABLES: tuple[str, ...] = ("raw", "filter")
@@ -28,6 +28,7 @@ TAG = "NodeLocal DNS agent"
 SKIP_CONNTRACK = f"{TAG}: skip conntrack"
 HOST_QUERIES = f"{TAG}: host queries skip conntrack"
 ALLOW_DNS = f"{TAG}: allow DNS traffic"
+HEALTH_PROBES = f"{TAG}: health probes skip conntrack"
 
 
 class RuleSyntaxError(ValueError):
@@ -61,10 +62,20 @@ def _spec(*parts: str, comment: str, target: str) -> str:
 
 
 def wanted_rules(
-    local_ips: Sequence[IPAddress], *, dns_port: int, health_port: int, host_rules: bool
+    local_ips: Sequence[IPAddress],
+    *,
+    dns_port: int,
+    health_port: int,
+    host_rules: bool,
+    pod_rules: bool = True,
+    probe_mark: int = Settings.probe_mark,
 ) -> list[Rule]:
     """The rule set for the given addresses, in the order the rules should stand at the top of each chain.
 
+    The probe rules come first and stand alone while ``pod_rules`` is off (before CoreDNS first answers):
+    raw OUTPUT      -d ADDR udp 53 -m mark PROBE  NOTRACK  the agent's own probes reach the local CoreDNS even
+                                                          where kube-proxy DNATs ADDR (the kube-dns ClusterIP)
+                                                          and the host rules are off (group "probe")
     Per address and protocol (see the README for why each exists):
     raw PREROUTING  -d ADDR --dport 53 -m socket  NOTRACK  pods' queries skip conntrack and kube-proxy's DNAT
                                                           only while a socket is bound to ADDR
@@ -75,6 +86,13 @@ def wanted_rules(
     filter OUTPUT   -s ADDR --sport 53            ACCEPT
     """
     rules: list[Rule] = []
+    mark = f"-m mark --mark {probe_mark:#x}/{probe_mark:#x}"
+    for ip in local_ips:
+        probe = f"-d {_cidr(ip)} -p udp -m udp --dport {dns_port} {mark}"
+        spec = _spec(probe, comment=HEALTH_PROBES, target="-j CT --notrack")
+        rules.append(Rule(family_of(ip), "raw", "OUTPUT", spec, "probe"))
+    if not pod_rules:
+        return rules
     for ip in local_ips:
         fam, addr = family_of(ip), _cidr(ip)
 

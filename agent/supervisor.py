@@ -16,7 +16,7 @@ import queue
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from agent.cgroup import Cgroup
@@ -46,10 +46,12 @@ class Network(Protocol):
 
     def remove_leftovers(self) -> None: ...
     def setup_interface(self) -> list[str]: ...
+    def prepare_rules(self) -> None: ...
     def install_rules(self, host_rules: bool) -> None: ...
     def set_host_rules(self, enabled: bool) -> None: ...
     def reconcile(self) -> list[str]: ...
     def teardown(self, deadline: float) -> None: ...
+    def interrupt(self) -> None: ...
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
     def stop_watchers(self) -> None: ...
 
@@ -130,6 +132,8 @@ class Supervisor:
     timing: Timing = field(default_factory=Timing)
     cgroup: Cgroup | None = None
     prober_factory: ProberFactory = Prober
+    # Where CoreDNS's /health answers, read from the rendered Corefile at each launch (None: not probed).
+    health_url: Callable[[], str | None] = lambda: None
 
     state: CoreDnsState = field(default=CoreDnsState.STOPPED, init=False)
     cause: str = field(default="not started", init=False)
@@ -161,8 +165,13 @@ class Supervisor:
         self.events.put(event)
 
     def install_signal_handlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda s, _f: self.post(Signal(s)))
+        def stop(signum: int, _frame: object) -> None:
+            self.network.interrupt()  # a lock wait in progress must not delay the shutdown
+            self.post(Signal(signum))
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda signum, _frame: self.post(Signal(signum)))
 
     # The loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -178,6 +187,7 @@ class Supervisor:
         changes = self.network.setup_interface()
         if changes:
             log.info("interface set up", changes=changes)
+        self.network.prepare_rules()
         self._render("start")
         self.corefile.start_watchers(self.post)
         self.network.start_watchers(self.post)
@@ -333,7 +343,8 @@ class Supervisor:
         self.child = child
         self.probe_failures = 0
         self.start_deadline = time.monotonic() + self.timing.start_timeout
-        self.prober = self.prober_factory(self.probe_settings, pid, self.post)
+        probe = replace(self.probe_settings, health_url=self.health_url())
+        self.prober = self.prober_factory(probe, pid, self.post)
         self.prober.start()
         self._set_state(CoreDnsState.STARTING, f"{cause}: launched pid {pid}")
 
@@ -343,11 +354,9 @@ class Supervisor:
         if not self.rules_installed:
             self.network.install_rules(host_rules=True)
             self.rules_installed = self.host_rules = True
-            self.metrics.rules_installed.labels("pod").set(1)
         else:
             self.network.set_host_rules(True)
             self.host_rules = True
-        self.metrics.rules_installed.labels("host").set(1)
         self._set_state(CoreDnsState.RUNNING, "answering on every local address")
         if not self.ever_ready:
             self.ever_ready = True
@@ -357,7 +366,6 @@ class Supervisor:
         if self.host_rules:
             self.network.set_host_rules(False)
             self.host_rules = False
-            self.metrics.rules_installed.labels("host").set(0)
 
     def _fail(self, cause: str, label: str) -> None:
         """CoreDNS is gone or useless: host traffic back to kube-dns now, restart after a backoff."""
@@ -442,9 +450,7 @@ class Supervisor:
     # Networking -------------------------------------------------------------------------------------
     def _reconcile(self, cause: str) -> None:
         changes = self.network.reconcile()
-        if changes:
-            for change in changes:
-                self.metrics.rules_restored.labels(change.split(":")[0]).inc()
+        if changes:  # the packet filter and the interface count what they restored
             log.warning("network restored", cause=cause, changes=changes)
 
     # Status -----------------------------------------------------------------------------------------

@@ -1,28 +1,93 @@
-"""The demo: one node in network namespaces, a pod resolving names through it. Cleans up after itself."""
+"""The demo: the real agent on one node of network namespaces, a pod resolving through it, and a failover.
+
+Runs on the embedded defaults (the shipped ``corefile/Corefile.base``), removes everything it created.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+import threading
+import time
 
 from tests import sandbox as sb
-from tests.sandbox import KUBE_DNS_IP
+from tests.agentproc import AgentProcess
+from tests.configmapdir import publish
+from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
+
+SERVICE = "web.default.svc.cluster.local"
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def path_of_query(box: sb.Sandbox) -> str:
+    """Where a pod's query to the ClusterIP went: the node's conntrack table tells."""
+    box.flush_conntrack()
+    answer = box.dig(box.pod(0), KUBE_DNS_IP, SERVICE, check=False) or "no answer"
+    tracked = "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    via = "kube-proxy DNAT to kube-dns (conntrack entry)" if tracked else "the local cache (not tracked)"
+    return f"{answer:12} via {via}"
+
+
+def load(box: sb.Sandbox, rate: int, duration: float, out: dict[str, object]) -> threading.Thread:
+    argv = [sys.executable, "-m", "tests.dnsload", "--server", KUBE_DNS_IP, "--rate", str(rate),
+            "--duration", str(duration), "--names", SERVICE]  # fmt: skip
+
+    def run() -> None:
+        out.update(json.loads(box.exec(box.pod(0), argv, timeout=duration + 15)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def main() -> int:
     with sb.sandbox("nft") as box:
         pod = box.pod(0)
-        say(f"sandbox {box.run_id}: node, kube-dns, stub and {pod} in their own network namespaces")
-        say(f"a pod resolves Services through the kube-dns ClusterIP {KUBE_DNS_IP}")
-        for name in ("web.default.svc.cluster.local", "kube-dns.kube-system.svc.cluster.local"):
-            print(f"  dig {name:45} -> {box.dig(pod, KUBE_DNS_IP, name)}")
-        getent = box.exec(pod, ["getent", "hosts", "web.default"]).strip()
-        print(f"  {'getent hosts web.default (glibc)':49} -> {getent}")
-        say("the node's conntrack table shows the kube-proxy DNAT to the kube-dns pod")
-        print(box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP).strip())
+        say(f"sandbox {box.run_id}: node, kube-dns, stub and a pod in network namespaces")
+        print(f"  before the agent, a pod's query:   {path_of_query(box)}")
+
+        say(f"the agent starts on the node: -localip {LOCAL_IP},{KUBE_DNS_IP}")
+        with AgentProcess(box) as agent:
+            t0 = time.monotonic()
+            agent.wait_serving()
+            print(f"  serving {time.monotonic() - t0:.2f}s after start")
+            print(f"  a pod's query to the ClusterIP:    {path_of_query(box)}")
+            print(f"  a pod's query to {LOCAL_IP}: {box.dig(pod, LOCAL_IP, SERVICE)}")
+            getent = box.exec(pod, ["getent", "hosts", "web.default"]).split()
+            print(f"  getent hosts web.default (glibc):  {' '.join(getent)}")
+
+            say("SIGKILL CoreDNS while the pod sends 500 queries/s for 4 s")
+            result: dict[str, object] = {}
+            thread = load(box, 500, 4, result)
+            time.sleep(1.5)
+            coredns = agent.coredns_pid()
+            assert coredns is not None
+            os.kill(coredns, signal.SIGKILL)
+            thread.join()
+            print(f"  sent {result['sent']}, answered {result['answered']}, failed {result['failed']}, "
+                  f"longest gap without answers {float(result['longest_gap']) * 1000:.0f} ms")  # fmt: skip
+            agent.wait_serving()
+            cause = [e for e in agent.events() if e.get("event") == "coredns state"][-2]
+            print(f"  the agent saw: {cause['cause']}")
+            print(f"  back on the local cache:           {path_of_query(box)}")
+
+            say(f"the kube-dns ConfigMap gains the stub domain {STUB_DOMAIN} (a kubelet-style ..data swap)")
+            publish(agent.kubedns_dir, {"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
+            deadline = time.monotonic() + 5
+            answer = ""
+            while not answer and time.monotonic() < deadline:
+                answer = box.dig(pod, KUBE_DNS_IP, f"www.{STUB_DOMAIN}", check=False)
+            print(f"  www.{STUB_DOMAIN} -> {answer or 'no answer'}")
+
+            say("SIGTERM: the agent hands DNS back to kube-dns and removes what it installed")
+            agent.stop()
+            ours = [line for line in box.save_rules().splitlines() if "NodeLocal DNS agent" in line]
+            print(f"  rules left: {len(ours)}; a pod's query: {path_of_query(box)}")
     say("sandbox removed")
     left = sb.leftovers(sb.CREATED_RUNS)
     if left:

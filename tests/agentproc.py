@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from tests import sandbox as sb
+from tests.configmapdir import publish
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "corefile" / "Corefile.base"
@@ -157,30 +158,5 @@ class AgentProcess:
         return self.box.exec(self.box.node, [sys.executable, "-c", code])
 
     def write_kubedns(self, data: dict[str, str]) -> None:
-        """Update the kube-dns ConfigMap directory the way the kubelet does: a ``..data`` symlink swap."""
-        write_configmap_dir(self.kubedns_dir, data)
-
-
-def write_configmap_dir(directory: Path, data: dict[str, str]) -> None:
-    """The kubelet's atomic writer: new ``..TIMESTAMP`` dir, ``..data_tmp`` symlink renamed over ``..data``,
-    key symlinks ``KEY -> ..data/KEY``, the old dir removed."""
-    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
-    new = directory / stamp
-    new.mkdir()
-    for key, value in data.items():
-        (new / key).write_text(value)
-    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
-    tmp = directory / "..data_tmp"
-    os.symlink(stamp, tmp)
-    os.rename(tmp, directory / "..data")
-    for key in data:
-        link = directory / key
-        if not link.is_symlink():
-            os.symlink(f"..data/{key}", link)
-    for link in list(directory.iterdir()):
-        if not link.name.startswith("..") and link.is_symlink() and link.name not in data:
-            link.unlink()
-    if old:
-        import shutil
-
-        shutil.rmtree(directory / old, ignore_errors=True)
+        """Update the kube-dns ConfigMap directory the way the kubelet does (a ``..data`` symlink swap)."""
+        publish(self.kubedns_dir, data)

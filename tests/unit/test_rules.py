@@ -8,6 +8,7 @@ import pytest
 
 from agent.rules import (
     ALLOW_DNS,
+    HEALTH_PROBES,
     HOST_QUERIES,
     SKIP_CONNTRACK,
     Rule,
@@ -45,8 +46,20 @@ def test_each_address_gets_the_node_cache_rule_set_with_the_socket_gate_in_prero
     expected |= {
         ("raw", "OUTPUT", f"-d 10.96.0.10/32 {health.format('d')}"),
         ("raw", "OUTPUT", f"-s 10.96.0.10/32 {health.format('s')}"),
-    }
+        ("raw", "OUTPUT", f'-d 10.96.0.10/32 -p udp -m udp --dport 53 -m mark --mark 0x2000/0x2000 '
+                          f'-m comment --comment "{HEALTH_PROBES}" -j CT --notrack'),
+    }  # fmt: skip
     assert got == expected
+
+
+def test_before_coredns_answers_only_the_marked_probes_skip_conntrack() -> None:
+    only = wanted_rules([V4, V6], dns_port=53, health_port=8080, host_rules=False, pod_rules=False,
+                        probe_mark=0x100)  # fmt: skip
+    assert [(r.family, r.chain, r.group) for r in only] == [(4, "OUTPUT", "probe"), (6, "OUTPUT", "probe")]
+    assert all("-m mark --mark 0x100/0x100" in r.spec for r in only)
+    # They stand first in the full set, which keeps them.
+    full = wanted_rules([V4, V6], dns_port=53, health_port=8080, host_rules=True, probe_mark=0x100)
+    assert full[:2] == only
 
 
 def test_no_rule_uses_nowildcard_or_the_notrack_spelling_that_cannot_be_compared() -> None:
@@ -61,7 +74,7 @@ def test_host_query_rules_are_a_separate_group_present_only_when_asked() -> None
     without = rules("169.254.20.10", host=False)
     host_only = [r for r in with_host if r.group == "host"]
     assert len(host_only) == 2 and all(r.chain == "OUTPUT" and "--dport 53" in r.spec for r in host_only)
-    assert [r for r in with_host if r.group == "pod"] == without
+    assert [r for r in with_host if r.group != "host"] == without
 
 
 def test_ipv6_addresses_get_128_bit_host_masks_and_family_6_in_a_dual_stack_set() -> None:
@@ -145,6 +158,6 @@ def test_restore_input_deletes_first_then_inserts_at_the_top_in_reverse_per_tabl
 
 
 def test_rules_are_described_with_family_table_and_chain() -> None:
-    rule = rules("fd00::10")[0]
+    rule = next(r for r in rules("fd00::10") if r.chain == "PREROUTING")
     assert rule.describe().startswith("IPv6 raw PREROUTING -d fd00::10/128")
     assert plan(6, [], [rule]).describe() == [f"added {rule.describe()}"]

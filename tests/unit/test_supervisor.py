@@ -36,6 +36,9 @@ class FakeNetwork:
         self.calls.log.append("setup_interface")
         return []
 
+    def prepare_rules(self) -> None:
+        self.calls.log.append("prepare_rules")
+
     def install_rules(self, host_rules: bool) -> None:
         self.calls.log.append(f"install_rules(host={host_rules})")
 
@@ -48,6 +51,9 @@ class FakeNetwork:
 
     def teardown(self, deadline: float) -> None:
         self.calls.log.append("teardown")
+
+    def interrupt(self) -> None:
+        self.calls.log.append("interrupt")
 
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
     def stop_watchers(self) -> None: ...
@@ -177,7 +183,7 @@ class _NoProber:
 
 
 def test_start_sets_up_before_launching_and_installs_rules_only_once_healthy(h: Harness) -> None:
-    assert h.calls.log == ["remove_leftovers", "setup_interface", f"start {h.child.pid}"]
+    assert h.calls.log == ["remove_leftovers", "setup_interface", "prepare_rules", f"start {h.child.pid}"]
     assert h.sup.state is CoreDnsState.STARTING
     assert h.corefile.written == ["corefile v1"]
     h.probe(ok=True)
@@ -303,10 +309,11 @@ def test_a_missing_binary_keeps_the_agent_running_in_backoff(h: Harness) -> None
     assert "cannot run /nope/coredns" in h.sup.cause
 
 
-def test_restored_rules_are_counted(h: Harness) -> None:
+def test_the_periodic_check_reconciles_the_network(h: Harness, capsys: pytest.CaptureFixture[str]) -> None:
     h.network.restore = ["rule: raw PREROUTING -d 169.254.20.10 udp 53"]
     h.sup._timers(h.sup._next_reconcile + 1)
-    assert h.sup.metrics.rules_restored.labels("rule")._value.get() == 1
+    assert h.network.restore == []
+    assert "network restored" in capsys.readouterr().out
 
 
 def test_status_file_reports_the_state_for_the_liveness_check(h: Harness) -> None:

@@ -1,0 +1,177 @@
+"""``agent`` (the run mode): builds the real parts and hands them to the supervisor.
+
+The supervisor only sees small seams (:class:`agent.supervisor.Network`, :class:`CorefileSource`); this
+module adapts the Corefile renderer, the watchers, the interface and the packet filter to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import psutil
+
+from agent.cgroup import Cgroup, gomemlimit_for
+from agent.config import ConfigError, IPAddress, Settings, parse_host_port
+from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
+from agent.corefile import HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
+from agent.events import ApiConfigMap, ConfigChanged, Event
+from agent.health import ProbeSettings
+from agent.kubedns import KubeDnsConfig, parse_kubedns
+from agent.logs import get_logger, setup_logging
+from agent.metrics import Metrics
+from agent.sources import ApiConfigMapWatcher, DirectoryWatcher, SourceError, read_service_cluster_ip
+from agent.supervisor import Supervisor
+
+log = get_logger("agent")
+
+# The `reload` plugin and SIGUSR1 do not mix: after a SIGUSR1 reload, the old instance's reload plugin fires,
+# fails ("getting old listener file: use of closed network connection") and counts a failed reload (CoreDNS
+# issue 6263). The agent watches every input and reloads with SIGUSR1 itself, so the directive is dropped.
+_RELOAD_DIRECTIVE = re.compile(r"^[ \t]*reload(?:[ \t][^\n{]*)?\n", re.MULTILINE)
+
+
+def without_reload_plugin(corefile: str) -> str:
+    return _RELOAD_DIRECTIVE.sub("", corefile)
+
+
+class CorefileFiles:
+    """The Corefile's inputs (template, kube-dns ConfigMap) and its output file, for the supervisor."""
+
+    def __init__(self, settings: Settings, api_cluster_dns_ip: IPAddress | None = None) -> None:
+        self.settings = settings
+        self.builder = CorefileBuilder(settings, api_cluster_dns_ip=api_cluster_dns_ip)
+        self.health_url: str | None = None
+        self._watchers: list[DirectoryWatcher | ApiConfigMapWatcher] = []
+
+    def render(self, api_data: Mapping[str, str] | None) -> str:
+        kubedns: KubeDnsConfig | None = None
+        if self.settings.kubedns_configmap_api is not None:
+            kubedns = parse_kubedns(api_data) if api_data is not None else KubeDnsConfig()
+        rendered = self.builder.build(kubedns)
+        self.health_url = rendered.endpoints.health_url
+        return without_reload_plugin(rendered.text)
+
+    def write(self, text: str) -> bool:
+        return write_if_changed(self.settings.corefile, text)
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None:
+        s = self.settings
+        watched: list[tuple[Path, str]] = [(s.base_corefile.parent, "template")]
+        if s.kubedns_configmap_dir is not None:
+            watched.append((s.kubedns_configmap_dir, "kube-dns configmap"))
+        for path, what in watched:
+            watcher = DirectoryWatcher(path, functools.partial(post, ConfigChanged(what)))
+            try:
+                watcher.start()
+            except SourceError as exc:
+                log.warning("not watching", what=what, path=str(path), error=str(exc),
+                            cause="checked on the periodic re-render instead")  # fmt: skip
+                continue
+            self._watchers.append(watcher)
+        if s.kubedns_configmap_api is not None:
+            namespace, name = s.kubedns_configmap_api.split("/")
+            api = ApiConfigMapWatcher(namespace, name, lambda data: post(ApiConfigMap(data)), s.kubeconfig)
+            api.start()
+            self._watchers.append(api)
+
+    def stop_watchers(self) -> None:
+        for watcher in self._watchers:
+            watcher.stop()
+        self._watchers.clear()
+
+
+def coredns_launcher(settings: Settings) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
+    argv = [settings.coredns_binary, "-conf", str(settings.corefile)]
+    if settings.pidfile is not None:
+        argv += ["-pidfile", str(settings.pidfile)]
+    env = dict(os.environ)
+    cgroup = Cgroup.of()
+    limit = gomemlimit_for(cgroup.memory_limit() if cgroup else None)
+    if limit and "GOMEMLIMIT" not in env:
+        env["GOMEMLIMIT"] = limit
+        log.info("coredns memory limit", gomemlimit=limit, cause="the container's memory limit")
+    full = with_parent_death_signal(argv)
+    return lambda post: CoreDnsProcess(full, post, env)
+
+
+def kill_orphans(settings: Settings) -> None:
+    """A CoreDNS an earlier agent left (it was SIGKILLed before the parent-death signal existed, or
+    setpriv is missing) would hold the ports: it goes first."""
+    for proc in find_orphans(settings.coredns_binary, settings.corefile, settings.pidfile):
+        log.warning("orphan coredns killed", pid=proc.pid, cause="left by an earlier agent")
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            proc.wait(timeout=2)
+
+
+def api_cluster_dns_ip(settings: Settings) -> IPAddress | None:
+    """The kube-dns-upstream clusterIP through the API, when the API source is on and no flag names it."""
+    if settings.kubedns_configmap_api is None or settings.cluster_dns_ip is not None:
+        return None
+    namespace = settings.kubedns_configmap_api.split("/")[0]
+    try:
+        return read_service_cluster_ip(namespace, settings.upstream_svc, settings.kubeconfig)
+    except SourceError as exc:
+        log.warning("cluster dns ip not read from the api", error=str(exc))
+        return None
+
+
+def run_agent(settings: Settings) -> int:
+    setup_logging(settings.log_format)
+    try:
+        local_ips = settings.require_local_ips()
+    except ConfigError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
+    from agent.network import NodeNetwork
+    from agent.sdnotify import Notifier
+
+    notifier = Notifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
+    kill_orphans(settings)
+    metrics = Metrics()
+    server = _serve_metrics(settings, metrics)
+    corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))
+    supervisor = Supervisor(
+        settings=settings,
+        network=NodeNetwork(settings, metrics),
+        corefile=corefile,
+        launcher=coredns_launcher(settings),
+        probe_settings=ProbeSettings(
+            local_ips,
+            settings.dns_port,
+            HEALTH_PROBE_NAME,
+            None,
+            mark=settings.probe_mark if settings.setup_iptables else None,
+        ),
+        health_url=lambda: corefile.health_url,
+        metrics=metrics,
+        notifier=notifier,
+        cgroup=Cgroup.of(),
+    )
+    supervisor.install_signal_handlers()
+    try:
+        return supervisor.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer | None:
+    from prometheus_client import start_http_server
+
+    host, port = parse_host_port(settings.metrics_listen_address, "-metrics-listen-address")
+    try:
+        server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.registry)
+    except OSError as exc:
+        # DNS matters more than metrics: report and run on without them.
+        log.error("metrics not served", address=settings.metrics_listen_address, error=exc.strerror)
+        return None
+    return server
