@@ -53,7 +53,8 @@ def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any
 def _bool_flag(parser: argparse.ArgumentParser, dest: str, *names: str, help: str) -> None:
     parser.add_argument(
         *_flag(*names), dest=dest, nargs="?", const=True, default=None,
-        type=_typed(parse_bool, f"-{names[0]}"), metavar="BOOL", help=help,
+        type=_typed(parse_bool, names[0] if names[0].startswith("-") else f"-{names[0]}"), metavar="BOOL",
+        help=help,
     )  # fmt: skip
 
 
@@ -121,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
     )
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    _bool_flag(
+        p,
+        "socket_gate",
+        "--socket-gate",
+        help="gate pod interception on CoreDNS's socket (default true; false = node-cache's rules)",
+    )
+    _bool_flag(
+        p,
+        "host_failover",
+        "--host-failover",
+        help="drop host rules while CoreDNS is unhealthy (default true; false = node-cache)",
+    )
     b("--probe-mark", dest="probe_mark", type=lambda v: int(v, 0), metavar="BIT",
       help="firewall mark (one bit) on the agent's DNS probes (default 0x2000)")  # fmt: skip
     return p

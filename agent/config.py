@@ -69,6 +69,10 @@ class Settings:
     # conntrack, so they reach CoreDNS even while kube-proxy still DNATs the kube-dns ClusterIP. One bit,
     # clear of kube-proxy's 0x4000/0x8000 and of Calico's and Weave's upper bits.
     probe_mark: int = 0x2000
+    # node-cache's behaviour, for the benchmarks' side-by-side baseline only: no kernel gate on the pod
+    # rules (socket_gate=False) and host rules kept whatever CoreDNS's health (host_failover=False).
+    socket_gate: bool = True
+    host_failover: bool = True
 
     def __post_init__(self) -> None:
         if len(set(self.local_ips)) != len(self.local_ips):

@@ -273,7 +273,7 @@ class PacketFilter:
         s = self.settings
         wanted = wanted_rules(
             s.local_ips, dns_port=s.dns_port, health_port=s.health_port, host_rules=self._host,
-            pod_rules=self._pod, probe_mark=s.probe_mark,
+            pod_rules=self._pod, probe_mark=s.probe_mark, socket_gate=s.socket_gate,
         )  # fmt: skip
         deadline = deadline or self._default_deadline()
         changes: list[str] = []

@@ -69,6 +69,7 @@ def wanted_rules(
     host_rules: bool,
     pod_rules: bool = True,
     probe_mark: int = Settings.probe_mark,
+    socket_gate: bool = True,
 ) -> list[Rule]:
     """The rule set for the given addresses, in the order the rules should stand at the top of each chain.
 
@@ -76,7 +77,8 @@ def wanted_rules(
     raw OUTPUT      -d ADDR udp 53 -m mark PROBE  NOTRACK  the agent's own probes reach the local CoreDNS even
                                                           where kube-proxy DNATs ADDR (the kube-dns ClusterIP)
                                                           and the host rules are off (group "probe")
-    Per address and protocol (see the README for why each exists):
+    Per address and protocol (see the README for why each exists; ``socket_gate=False`` gives node-cache's
+    ungated PREROUTING rule, for the benchmarks' baseline only):
     raw PREROUTING  -d ADDR --dport 53 -m socket  NOTRACK  pods' queries skip conntrack and kube-proxy's DNAT
                                                           only while a socket is bound to ADDR
     raw OUTPUT      -s ADDR --sport 53            NOTRACK  the replies
@@ -105,7 +107,12 @@ def wanted_rules(
             add(
                 "raw",
                 "PREROUTING",
-                _spec(dport, "-m socket", comment=SKIP_CONNTRACK, target="-j CT --notrack"),
+                _spec(
+                    dport,
+                    *(["-m socket"] if socket_gate else []),
+                    comment=SKIP_CONNTRACK,
+                    target="-j CT --notrack",
+                ),
             )
             add("raw", "OUTPUT", _spec(sport, comment=SKIP_CONNTRACK, target="-j CT --notrack"))
             if host_rules:

@@ -363,7 +363,7 @@ class Supervisor:
             self.notifier.ready("serving DNS")
 
     def _host_rules_off(self) -> None:
-        if self.host_rules:
+        if self.host_rules and self.settings.host_failover:
             self.network.set_host_rules(False)
             self.host_rules = False
 

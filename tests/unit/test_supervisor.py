@@ -322,3 +322,10 @@ def test_status_file_reports_the_state_for_the_liveness_check(h: Harness) -> Non
     h.probe(ok=True)
     status = read_status(h.sup.settings.status_file)
     assert status.state == "running" and status.serving
+
+
+def test_without_host_failover_the_host_rules_stay_when_coredns_dies(tmp_path: Path, h: Harness) -> None:
+    h.probe(ok=True)
+    object.__setattr__(h.sup, "settings", Settings(host_failover=False, status_file=tmp_path / "s.json"))
+    h.exit(-9)
+    assert "host_rules(False)" not in h.calls.log
