@@ -50,7 +50,7 @@ def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any
     return parse
 
 
-def _bool_flag(parser: argparse.ArgumentParser, dest: str, *names: str, help: str) -> None:
+def _bool_flag(parser: argparse._ActionsContainer, dest: str, *names: str, help: str) -> None:
     parser.add_argument(
         *_flag(*names), dest=dest, nargs="?", const=True, default=None,
         type=_typed(parse_bool, names[0] if names[0].startswith("-") else f"-{names[0]}"), metavar="BOOL",
@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(*_flag("localip", "--local-ip"), dest="local_ips", type=local_ips, metavar="IPS",
       help="comma-separated local addresses (IPv4 and IPv6 may be mixed)")  # fmt: skip
     a(*_flag("interfacename", "--interface-name"), dest="interface_name", metavar="NAME")
-    _bool_flag(p, "setup_interface", "setupinterface", "--setup-interface", help="create the interface")
-    _bool_flag(p, "setup_iptables", "setupiptables", "--setup-iptables", help="install the rules")
+    _bool_flag(
+        node_cache, "setup_interface", "setupinterface", "--setup-interface", help="create the interface"
+    )
+    _bool_flag(node_cache, "setup_iptables", "setupiptables", "--setup-iptables", help="install the rules")
     sync_interval = _typed(parse_duration, "-syncinterval")
     a(*_flag("syncinterval", "--sync-interval"), dest="sync_interval", type=sync_interval, metavar="DURATION",
       help="rule/address check interval (seconds or 1s/500ms)")  # fmt: skip
@@ -89,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(*_flag("kubednscm", "--kubedns-configmap-dir"), dest="kubedns_configmap_dir", type=Path, metavar="DIR")
     a(*_flag("upstreamsvc", "--upstream-svc"), dest="upstream_svc", metavar="SERVICE")
     a(*_flag("health-port"), dest="health_port", type=int, metavar="PORT")
-    _bool_flag(p, "skip_teardown", "skipteardown", "--skip-teardown", help="leave networking on exit")
-    _bool_flag(p, "reload_with_signal", "reloadwithsignal", "--reload-with-signal",
+    _bool_flag(
+        node_cache, "skip_teardown", "skipteardown", "--skip-teardown", help="leave networking on exit"
+    )
+    _bool_flag(node_cache, "reload_with_signal", "reloadwithsignal", "--reload-with-signal",
                help="accepted for compatibility: the agent always reloads CoreDNS with SIGUSR1")  # fmt: skip
     a(*_flag("pidfile"), dest="pidfile", type=Path, metavar="PATH", help="CoreDNS's pidfile")
     a(*_flag("dns.port", "--dns-port"), dest="dns_port", type=int, metavar="PORT")
@@ -123,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
     _bool_flag(
-        p,
+        ours,
         "socket_gate",
         "--socket-gate",
         help="gate pod interception on CoreDNS's socket (default true; false = node-cache's rules)",
     )
     _bool_flag(
-        p,
+        ours,
         "host_failover",
         "--host-failover",
         help="drop host rules while CoreDNS is unhealthy (default true; false = node-cache)",

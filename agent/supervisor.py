@@ -112,6 +112,9 @@ class Timing:
     shutdown_budget: float = 10.0
     # How often the status file, the watchdog and the memory gauges are refreshed.
     heartbeat: float = 1.0
+    # The inputs are rendered again this often even without a change notification (a resolv.conf edit, a
+    # missed event); an unchanged render costs about a millisecond and changes nothing.
+    rerender: float = 30.0
 
 
 @dataclass
@@ -159,6 +162,7 @@ class Supervisor:
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue, init=False)
     _next_reconcile: float = field(default=0.0, init=False)
     _next_heartbeat: float = field(default=0.0, init=False)
+    _next_rerender: float = field(default=0.0, init=False)
 
     # Posting (any thread; SimpleQueue.put is reentrant, so signal handlers may call it) ------------------
     def post(self, event: Event) -> None:
@@ -205,7 +209,7 @@ class Supervisor:
 
     def _wait_time(self) -> float:
         now = time.monotonic()
-        deadlines = [self._next_reconcile, self._next_heartbeat]
+        deadlines = [self._next_reconcile, self._next_heartbeat, self._next_rerender]
         for d in (self.restart_at, self.start_deadline, self.retry_render_at):
             if d is not None:
                 deadlines.append(d)
@@ -310,6 +314,10 @@ class Supervisor:
         if now >= self._next_reconcile:
             self._next_reconcile = now + self.settings.sync_interval
             self._reconcile("periodic check")
+        if now >= self._next_rerender:
+            first, self._next_rerender = self._next_rerender == 0.0, now + self.timing.rerender
+            if not first:  # start() has just rendered
+                self._apply_config("periodic re-render")
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.timing.heartbeat
             self._heartbeat(now)

@@ -19,6 +19,7 @@ import yaml
 from agent import __version__
 from agent.cli import parse
 from agent.config import Settings
+from agent.supervisor import Timing
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "image" / "nodelocaldns.yaml"
@@ -27,12 +28,7 @@ CHECKER = REPO / "scripts" / "check_manifest.py"
 LOCALDNS, DOMAIN, KUBEDNS = "169.254.20.10", "cluster.local", "10.96.0.10"
 MODES = {"iptables": "iptables mode", "ipvs": "IPVS mode"}
 
-try:
-    from agent.supervisor import Timing
-
-    SHUTDOWN_BUDGET = Timing().shutdown_budget
-except ImportError:  # until the supervisor lands: its documented bound
-    SHUTDOWN_BUDGET = 10.0
+SHUTDOWN_BUDGET = Timing().shutdown_budget
 
 
 def documented_sed(mode: str) -> str:

@@ -329,3 +329,12 @@ def test_without_host_failover_the_host_rules_stay_when_coredns_dies(tmp_path: P
     object.__setattr__(h.sup, "settings", Settings(host_failover=False, status_file=tmp_path / "s.json"))
     h.exit(-9)
     assert "host_rules(False)" not in h.calls.log
+
+
+def test_inputs_are_rendered_again_periodically_and_a_change_reloads(h: Harness) -> None:
+    h.probe(ok=True)
+    h.sup._timers(h.sup._next_rerender)  # schedules the first periodic render
+    h.corefile.text = "corefile v2 (resolv.conf changed)"
+    h.sup._timers(h.sup._next_rerender)
+    assert h.corefile.written[-1] == "corefile v2 (resolv.conf changed)"
+    assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"

@@ -15,6 +15,7 @@ import yaml
 from agent.cli import parse
 from agent.config import parse_duration
 from agent.sdnotify import parse_watchdog
+from agent.supervisor import Timing
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "image" / "node-local-dns.service"
@@ -24,12 +25,7 @@ INSTALLED_AGENT = "/opt/node-local-dns/bin/agent"
 # The agent's loop ticks (status file, watchdog) every second.
 HEARTBEAT = 1.0
 
-try:
-    from agent.supervisor import Timing
-
-    SHUTDOWN_BUDGET = Timing().shutdown_budget
-except ImportError:  # until the supervisor lands: its documented bound
-    SHUTDOWN_BUDGET = 10.0
+SHUTDOWN_BUDGET = Timing().shutdown_budget
 
 Unit = dict[str, dict[str, list[str]]]
 
