@@ -13,9 +13,6 @@ both because of the sandbox, not of node-cache:
 - this kernel has no dummy link driver, so node-cache cannot create ``nodelocaldns`` (it logs "operation not
   supported" and CoreDNS exits on the bind). An empty bridge of that name is created first; node-cache finds
   it and adds its addresses, as it does with an existing dummy link.
-- the sandbox's node has no route to the Service range (a real node has a default route), so node-cache's
-  forward to ``kube-dns-upstream`` over TCP failed with "network is unreachable". A route for the Service
-  range towards the kube-dns pod's link is added; kube-proxy's DNAT in ``nat OUTPUT`` does the rest.
 
 node-cache runs ``iptables`` from ``PATH``; a directory of links to the sandbox's flavour (``iptables-nft`` or
 ``iptables-legacy``) is put first on its ``PATH`` so it writes the same backend as the sandbox's kube-proxy.
@@ -53,7 +50,6 @@ METRICS_PORT = 9253
 RULE_COMMENTS = ("NodeLocal DNS Cache: skip conntrack", "NodeLocal DNS Cache: allow DNS traffic")
 # Per local address: 4 raw PREROUTING/OUTPUT pairs for DNS, 2 for the health port, 4 filter ACCEPTs.
 RULES_PER_ADDRESS = 12
-SERVICE_RANGE = "10.96.0.0/12"
 PROBE_NAME = "kube-dns.kube-system.svc.cluster.local"
 
 
@@ -221,7 +217,6 @@ def start(
     if stub_domains:
         (workdir / "kube-dns" / "stubDomains").write_text(json.dumps(stub_domains))
     shim = _iptables_shim(box, workdir / "bin")
-    box.exec(box.node, ["ip", "route", "replace", SERVICE_RANGE, "via", box.kube_dns_pod_ip])
     if not box.exec(box.node, ["ip", "-o", "link", "show", INTERFACE], check=False).strip():
         box.exec(box.node, ["ip", "link", "add", INTERFACE, "type", "bridge"])
     if not setup_interface:

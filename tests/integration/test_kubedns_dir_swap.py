@@ -35,9 +35,6 @@ def box() -> Iterator[sb.Sandbox]:
 
 def test_a_data_swap_adding_acme_local_makes_it_resolvable_from_a_pod(box: sb.Sandbox) -> None:
     run = ["ip", "-n", box.node]
-    # The node has no default route, so its own packets to a ClusterIP fail routing before kube-proxy's
-    # OUTPUT DNAT can apply; a real node routes them by its default route. (Belongs in the sandbox.)
-    sb.run([*run, "route", "add", f"{sb.KUBE_DNS_UPSTREAM_IP}/32", "dev", "kdns0"])
     sb.run([*run, "link", "add", "nodelocaldns", "type", "bridge"])
     sb.run([*run, "addr", "add", f"{sb.LOCAL_IP}/32", "dev", "nodelocaldns"])
     sb.run([*run, "link", "set", "nodelocaldns", "up"])
