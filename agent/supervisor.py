@@ -251,7 +251,7 @@ class Supervisor:
             return  # we killed it (hang or start timeout) and already said why
         cause, label = how, "exited" if returncode >= 0 else "signaled"
         if self._oom_killed(returncode):
-            cause, label = f"OOM-killed ({how}; the cgroup's memory.events counted an oom_kill)", "oom"
+            cause, label = f"OOM-killed ({how}; the memory cgroup counted an oom_kill)", "oom"
         elif returncode > 0 and self.child.recent_output:
             cause = f"{how}: {self.child.recent_output[-1]}"
         self._fail(cause, label)
@@ -331,6 +331,8 @@ class Supervisor:
         self.metrics.coredns_state.labels(str(state)).set(1)
         self.state, self.cause = state, cause
         self._write_status()
+        where = "serving DNS" if state.serving else "DNS on the kube-dns fallback path"
+        self.notifier.status(f"{where}; coredns {state}: {cause}")
 
     def _launch(self, cause: str) -> None:
         self.restart_at = None

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -32,8 +32,12 @@ class AgentProcess:
         name: str = "agent",
         local_ips: Sequence[str] = (sb.LOCAL_IP, sb.KUBE_DNS_IP),
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.box = box
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.cgroup = cgroup
         self.dir = box.workdir / name
         self.dir.mkdir(exist_ok=True)
         self.kubedns_dir = box.workdir / "kube-dns-configmap"
@@ -61,11 +65,19 @@ class AgentProcess:
 
     # Lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> AgentProcess:
+        argv = ["ip", "netns", "exec", self.box.node, *self.argv]
+        if self.cgroup is not None:
+            # `ip netns exec` remounts /sys, which hides /sys/fs/cgroup from the agent; nsenter enters only
+            # the network namespace, as a container's agent sees its cgroup. The node's resolv.conf is then
+            # named explicitly (nothing may reach the machine's own resolver).
+            resolv = f"/etc/netns/{self.box.node}/resolv.conf"
+            argv = ["nsenter", f"--net=/run/netns/{self.box.node}", *self.argv, "--resolv-conf", resolv]
+            # Enter the cgroup first, then exec: the agent's pid stays this one.
+            argv = ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
         with self.log_path.open("ab") as log:
-            self.proc = self.box.popen(
-                self.box.node, self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env
+            )
         return self
 
     def wait_serving(self, timeout: float = 20.0) -> None:
