@@ -19,7 +19,7 @@ from agent.netreconcile import NetworkReconciler
 from agent.netwatch import Watchers, watchers_for
 from agent.packetfilter import PacketFilter
 from agent.teardown import remove_leftover_rules
-from agent.xtables import PacketFilterError
+from agent.xtables import PacketFilterError, PacketFilterInterruptError
 
 log = get_logger("network")
 
@@ -78,6 +78,8 @@ class NodeNetwork:
             if self.packet_filter.set_host_rules(enabled):
                 log.info("host rules " + ("added" if enabled else "removed"),
                          cause="coredns healthy" if enabled else "coredns not healthy")  # fmt: skip
+        except PacketFilterInterruptError:
+            log.info("host rules left to the teardown", cause="shutting down")
         except PacketFilterError as exc:
             log.error(
                 "host rules not changed", enabled=enabled, error=str(exc), cause="retried by the reconcile"
