@@ -72,8 +72,10 @@ def main() -> int:
             print(f"  sent {result['sent']}, answered {result['answered']}, failed {result['failed']}, "
                   f"longest gap without answers {float(result['longest_gap']) * 1000:.0f} ms")  # fmt: skip
             agent.wait_serving()
-            cause = [e for e in agent.events() if e.get("event") == "coredns state"][-2]
-            print(f"  the agent saw: {cause['cause']}")
+            seen = [
+                e for e in agent.events() if e.get("event") == "coredns state" and e.get("to") == "backoff"
+            ]
+            print(f"  the agent saw: {seen[-1]['cause']}")
             print(f"  back on the local cache:           {path_of_query(box)}")
 
             say(f"the kube-dns ConfigMap gains the stub domain {STUB_DOMAIN} (a kubelet-style ..data swap)")
