@@ -25,6 +25,7 @@ class ProbeResult:
     ok: bool
     detail: str
     latency: float  # seconds, the slowest of the round's DNS probes
+    silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
 
 
 @dataclass(frozen=True)

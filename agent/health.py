@@ -37,9 +37,17 @@ class ProbeSettings:
     timeout: float = 0.5  # seconds per DNS query and per HTTP request
 
 
-def probe_dns(
-    address: IPAddress, port: int, name: str, timeout: float, mark: int | None = None
-) -> tuple[bool, str, float]:
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    detail: str
+    latency: float  # seconds
+    # No answer at all within the timeout: something holds the socket (the kernel gate is open) but does not
+    # answer, so pod queries are being lost. A refused or wrong answer is a failure, not silence.
+    silent: bool = False
+
+
+def probe_dns(address: IPAddress, port: int, name: str, timeout: float, mark: int | None = None) -> Outcome:
     """One UDP query; healthy when CoreDNS answers NOERROR with an answer."""
     query = dns.message.make_query(name, dns.rdatatype.A)
     started = time.monotonic()
@@ -51,23 +59,29 @@ def probe_dns(
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             reply = dns.query.udp(query, str(address), port=port, timeout=timeout, sock=sock)
     except dns.exception.Timeout:
-        return False, f"no answer from {address}:{port} within {timeout}s", timeout
+        return Outcome(False, f"no answer from {address}:{port} within {timeout}s", timeout, silent=True)
     except OSError as exc:
-        return False, f"query to {address}:{port} failed: {exc.strerror or exc}", time.monotonic() - started
+        detail = f"query to {address}:{port} failed: {exc.strerror or exc}"
+        return Outcome(False, detail, time.monotonic() - started)
     latency = time.monotonic() - started
     if reply.rcode() != dns.rcode.NOERROR or not reply.answer:
-        return False, f"{address}:{port} answered {dns.rcode.to_text(reply.rcode())} for {name}", latency
-    return True, "ok", latency
+        return Outcome(
+            False, f"{address}:{port} answered {dns.rcode.to_text(reply.rcode())} for {name}", latency
+        )
+    return Outcome(True, "ok", latency)
 
 
-def probe_http(session: requests.Session, url: str, timeout: float) -> tuple[bool, str]:
+def probe_http(session: requests.Session, url: str, timeout: float) -> Outcome:
+    started = time.monotonic()
     try:
         response = session.get(url, timeout=timeout)
+    except requests.Timeout:
+        return Outcome(False, f"{url}: no answer within {timeout}s", timeout, silent=True)
     except requests.RequestException as exc:
-        return False, f"{url}: {type(exc).__name__}"
+        return Outcome(False, f"{url}: {type(exc).__name__}", time.monotonic() - started)
     if response.status_code != 200:
-        return False, f"{url}: HTTP {response.status_code}"
-    return True, "ok"
+        return Outcome(False, f"{url}: HTTP {response.status_code}", time.monotonic() - started)
+    return Outcome(True, "ok", time.monotonic() - started)
 
 
 class Prober:
@@ -90,25 +104,24 @@ class Prober:
         with requests.Session() as session:
             while not self._stop.is_set():
                 started = time.monotonic()
-                ok, detail, latency = probe_round(self.settings, session)
+                outcome = probe_round(self.settings, session)
                 if self._stop.is_set():
                     return
-                self._post(ProbeResult(self.pid, ok, detail, latency))
+                self._post(ProbeResult(self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent))
                 self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
 
 
-def probe_round(settings: ProbeSettings, session: requests.Session) -> tuple[bool, str, float]:
-    """Every local address answers the probe name, and /health says 200."""
+def probe_round(settings: ProbeSettings, session: requests.Session) -> Outcome:
+    """Every local address answers the probe name, and /health says 200. The latency is the slowest DNS
+    answer's."""
     slowest = 0.0
     for address in settings.addresses:
-        ok, detail, latency = probe_dns(
-            address, settings.port, settings.name, settings.timeout, settings.mark
-        )
-        slowest = max(slowest, latency)
-        if not ok:
-            return False, detail, slowest
+        outcome = probe_dns(address, settings.port, settings.name, settings.timeout, settings.mark)
+        slowest = max(slowest, outcome.latency)
+        if not outcome.ok:
+            return Outcome(False, outcome.detail, slowest, outcome.silent)
     if settings.health_url:
-        ok, detail = probe_http(session, settings.health_url, settings.timeout)
-        if not ok:
-            return False, detail, slowest
-    return True, "ok", slowest
+        outcome = probe_http(session, settings.health_url, settings.timeout)
+        if not outcome.ok:
+            return Outcome(False, outcome.detail, slowest, outcome.silent)
+    return Outcome(True, "ok", slowest)

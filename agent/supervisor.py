@@ -266,21 +266,23 @@ class Supervisor:
         if self.child is None or result.pid != self.child.pid:
             return
         self.metrics.probe_latency.observe(result.latency)
-        if not result.ok:
-            self.metrics.probe_failures.labels("dns" if "answer" in result.detail else "health").inc()
-        if self.state is CoreDnsState.STARTING and result.ok:
-            self._became_healthy()
-        elif self.state is CoreDnsState.RUNNING:
-            if result.ok:
-                self.probe_failures = 0
-                return
-            self.probe_failures += 1
-            if self.probe_failures == 1:
-                log.warning("coredns probe failed", detail=result.detail)
-            if self.probe_failures >= self.timing.hang_after_failures:
-                self._kill_and_fail(
-                    f"hung: {self.probe_failures} probe rounds failed ({result.detail})", "hang"
-                )
+        if result.ok:
+            self.probe_failures = 0
+            if self.state is CoreDnsState.STARTING:
+                self._became_healthy()
+            return
+        self.metrics.probe_failures.labels("health" if "/health" in result.detail else "dns").inc()
+        # While starting, only silence counts: CoreDNS not bound yet is normal (and harmless: pod queries go
+        # to kube-dns), but a bound CoreDNS that does not answer swallows pod queries through the open gate.
+        if self.state is CoreDnsState.STARTING and not result.silent:
+            return
+        if self.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
+            return
+        self.probe_failures += 1
+        if self.probe_failures == 1:
+            log.warning("coredns probe failed", detail=result.detail, state=str(self.state))
+        if self.probe_failures >= self.timing.hang_after_failures:
+            self._kill_and_fail(f"hung: {self.probe_failures} probe rounds failed ({result.detail})", "hang")
 
     def _on_child_output(self, pid: int, line: str) -> None:
         if self.reload is None or self.child is None or pid != self.child.pid:

@@ -138,7 +138,8 @@ class Harness:
         return self.children[-1]
 
     def probe(self, ok: bool, detail: str = "ok") -> None:
-        self.sup.handle(ProbeResult(self.child.pid, ok, detail if not ok else "ok", 0.001))
+        silent = detail.startswith("no answer")
+        self.sup.handle(ProbeResult(self.child.pid, ok, detail if not ok else "ok", 0.001, silent))
 
     def exit(self, returncode: int) -> None:
         self.child.alive = False
@@ -338,3 +339,22 @@ def test_inputs_are_rendered_again_periodically_and_a_change_reloads(h: Harness)
     h.sup._timers(h.sup._next_rerender)
     assert h.corefile.written[-1] == "corefile v2 (resolv.conf changed)"
     assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
+
+
+def test_a_restarted_coredns_that_binds_but_stays_silent_is_killed_without_waiting_for_the_start_timeout(
+    h: Harness,
+) -> None:
+    h.probe(ok=True)
+    h.exit(1)
+    h.advance_to_restart()
+    refused = "query to 169.254.20.10:53 failed: Connection refused"
+    for _ in range(5):  # not bound yet: normal while starting, pod queries go to kube-dns meanwhile
+        h.sup.handle(ProbeResult(h.child.pid, False, refused, 0.001))
+    assert h.sup.state is CoreDnsState.STARTING
+    pid = h.child.pid
+    for _ in range(3):  # bound (the kernel gate is open) but silent: pod queries are being lost
+        h.sup.handle(
+            ProbeResult(h.child.pid, False, "no answer from 169.254.20.10:53 within 0.5s", 0.5, True)
+        )
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung")
+    assert f"kill {pid}" in h.calls.log
