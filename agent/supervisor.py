@@ -110,8 +110,9 @@ class Timing:
     # shutdown_budget (the DaemonSet's grace period is longer).
     stop_grace: float = 3.0
     shutdown_budget: float = 10.0
-    # How often the status file, the watchdog and the memory gauges are refreshed.
-    heartbeat: float = 1.0
+    # How often the status file, the watchdog and the memory gauges are refreshed: far inside the liveness
+    # check's 10 s and systemd's 30 s watchdog, and cheap enough for the idle budget.
+    heartbeat: float = 2.0
     # The inputs are rendered again this often even without a change notification (a resolv.conf edit, a
     # missed event); an unchanged render costs about a millisecond and changes nothing.
     rerender: float = 30.0
