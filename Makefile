@@ -25,6 +25,15 @@ lint: setup
 	$(VENV)/bin/ruff format --check agent tests bench
 	$(VENV)/bin/mypy
 
+# Benchmarks in node sandboxes (root): `make bench` (about 15 minutes) writes bench/results/ (JSON, the
+# README section, the SIGKILL plot) and the README section between the bench markers; `make bench-quick`
+# (under a minute) runs every measurement once into build/bench-quick/ to keep the harness working.
+bench: setup
+	$(PY) -m bench.run --out bench/results --readme README.md --command "make bench"
+
+bench-quick: setup
+	$(PY) -m bench.run --quick --out build/bench-quick --command "make bench-quick"
+
 # Shipping: the wheel the image installs, the Dockerfile, the DaemonSet manifest and the systemd unit.
 # `make ship-check` runs every check CI needs; none needs a Docker engine (there is none on these machines).
 wheel: setup

@@ -12,8 +12,9 @@ VENV="${VENV:-.venv}"
 log() { printf '[setup] %s\n' "$*"; }
 
 # 1. Debian packages the agent and the tests use (systemd: systemd-analyze and systemd-notify check the unit;
-#    util-linux: setpriv runs commands with only the capabilities the unit and the DaemonSet grant).
-packages=(iptables nftables iproute2 conntrack dnsutils dnsperf procps psmisc libc-bin systemd util-linux)
+#    util-linux: setpriv runs commands with only the capabilities the unit and the DaemonSet grant;
+#    time: GNU time measures the peak memory of `agent --check` in the benchmarks).
+packages=(iptables nftables iproute2 conntrack dnsutils dnsperf procps psmisc libc-bin systemd util-linux time)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,176 @@
+"""The agent's own cost: memory and CPU of the agent process alone (not CoreDNS), idle and while pods query
+the cache; the time from start to the first answer of the local cache; ``agent --check`` (the liveness
+probe, run every few seconds on every node); and the time to restore flushed rules.
+
+The agent is not in the data path, so its cost under load should equal its idle cost; CoreDNS's memory is
+reported beside it for scale only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.node import SERVICE, BenchError, Node, python_in, spawn
+from bench.stats import median
+from tests import sandbox as sb
+from tests.agentproc import REPO, AgentProcess
+
+MIB = 1024 * 1024
+# What node-cache does instead, for the table (modelled, not measured): it re-checks its rules every
+# -syncinterval (default 60 s), so a flushed rule set is back after a wait uniform on [0, 60 s).
+NODE_CACHE_SYNC_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    settle_seconds: float = 2.0  # after serving, before the idle window: past the start-up work
+    idle_seconds: float = 30.0
+    load_seconds: float = 10.0
+    load_rate: float = 1000.0
+    start_repeats: int = 3
+    check_repeats: int = 20
+    restore_repeats: int = 5
+
+
+def measure(node: Node, plan: CostPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """On a reset node (left reset)."""
+    out: dict[str, Any] = {}
+    try:
+        starts = [start_to_first_answer(node) for _ in range(plan.start_repeats)]
+        out["first_answer_s"] = round(median(s["first_answer_s"] for s in starts), 3)
+        out["serving_s"] = round(median(s["serving_s"] for s in starts), 3)
+        log(f"  start to first answer {out['first_answer_s']}s (serving: {out['serving_s']}s)")
+        agent = node.start_agent("ours")
+        time.sleep(plan.settle_seconds)
+        out["idle"] = usage(agent, plan.idle_seconds)
+        log(f"  idle: {_usage_line(out['idle'])}")
+        load = node.load(rate=plan.load_rate, duration=plan.load_seconds)
+        load.started()
+        out["under_load"] = usage(agent, plan.load_seconds - 0.5)
+        summary = load.result()
+        out["under_load"]["load_qps"] = plan.load_rate
+        out["under_load"]["load_failed"] = summary["failed"]
+        log(f"  under {plan.load_rate:g} qps: {_usage_line(out['under_load'])}")
+        out["check"] = check_cost(agent, plan.check_repeats, node.box.workdir)
+        log(f"  agent --check: {out['check']['wall_ms']} ms, peak {out['check']['peak_rss_mib']} MiB")
+        out["restore_s"] = round(median(restore_time(node) for _ in range(plan.restore_repeats)), 3)
+        log(f"  flushed rules restored in {out['restore_s']}s")
+    finally:
+        node.reset()
+    return out
+
+
+def start_to_first_answer(node: Node) -> dict[str, float]:
+    """A pod polls the link-local address every 5 ms while the agent starts: only the local cache answers
+    there. The start is taken just before the agent's process is spawned."""
+    box = node.box
+    poller = spawn(box, box.pod(0), python_in("bench.firstanswer", "--server", sb.LOCAL_IP, "--name", SERVICE,
+                                              "--timeout", "30"), "firstanswer")  # fmt: skip
+    try:
+        if poller.wait_line("ready", 15) is None:
+            raise BenchError("the first-answer poller did not start")
+        began = time.monotonic()
+        agent = node.start_agent("ours", wait=False)
+        agent.wait_serving(30)
+        serving = time.monotonic() - began
+        lines = poller.finish(35)
+    finally:
+        poller.kill()
+    answered = json.loads(lines[-1])["answered_at"]
+    if answered is None:
+        raise BenchError("the local cache never answered the poller")
+    node.reset()
+    return {"first_answer_s": answered - began, "serving_s": serving}
+
+
+def usage(agent: AgentProcess, seconds: float) -> dict[str, Any]:
+    """CPU share (of one core) and resident memory of the agent process alone over ``seconds``; CoreDNS's
+    resident memory at the end, for scale."""
+    proc = psutil.Process(agent.agent_pid())
+    rss: list[int] = []
+    before, began = proc.cpu_times(), time.monotonic()
+    deadline = began + seconds
+    while time.monotonic() < deadline:
+        rss.append(proc.memory_info().rss)
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    after, wall = proc.cpu_times(), time.monotonic() - began
+    cpu = (after.user - before.user) + (after.system - before.system)
+    coredns = agent.coredns_pid()
+    coredns_rss = psutil.Process(coredns).memory_info().rss if coredns is not None else None
+    return {
+        "seconds": round(wall, 1),
+        "cpu_percent": round(cpu / wall * 100, 3),
+        "rss_mib": round(median(rss) / MIB, 1),
+        "peak_rss_mib": round(max(rss) / MIB, 1),
+        "threads": proc.num_threads(),
+        "coredns_rss_mib": round(coredns_rss / MIB, 1) if coredns_rss is not None else None,
+    }
+
+
+def check_cost(agent: AgentProcess, repeats: int, workdir: Path) -> dict[str, Any]:
+    """``agent --check`` against the live agent's status file, as the kubelet's exec probe runs it: wall time
+    (median) and peak resident memory (the largest of any run). It reads one file, so it runs here, outside
+    the namespaces.
+
+    The peak comes from GNU time, not from this process's ``wait4``: a child forked from a large process keeps
+    that process's resident high-water mark across ``exec`` (Linux carries it in ``signal->maxrss``), so
+    ``ru_maxrss`` would report this benchmark's own size. GNU time is small and forks the check itself."""
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    if gnu_time is None:
+        raise BenchError("GNU time (/usr/bin/time, Debian package 'time') is needed for the peak memory")
+    report = workdir / "check-maxrss.txt"
+    argv = [gnu_time, "-o", str(report), "-f", "%M", sys.executable, "-m", "agent", "--check",
+            "--status-file", str(agent.status_file)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    walls: list[float] = []
+    peak_kib = 0
+    for _ in range(repeats):
+        began = time.monotonic()
+        proc = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, check=False)
+        walls.append(time.monotonic() - began)
+        if proc.returncode != 0:
+            raise BenchError(f"agent --check failed against a live agent: {proc.stderr.strip()}")
+        peak_kib = max(peak_kib, int(report.read_text().split()[-1]))
+    return {"wall_ms": round(median(walls) * 1e3, 1), "peak_rss_mib": round(peak_kib / 1024, 1),
+            "runs": repeats}  # fmt: skip
+
+
+def restore_time(node: Node) -> float:
+    """Flush the node's raw and filter tables (what a careless ``iptables -F`` does) and time until the rule
+    set is back as it was, as ``iptables-save`` shows it."""
+    box = node.box
+
+    def rules() -> list[str]:
+        return sorted(box.save_rules().splitlines())
+
+    before = rules()
+    box.exec(box.node, [box.iptables(), "-t", "raw", "-F"])
+    box.exec(box.node, [box.iptables(), "-t", "filter", "-F"])
+    flushed = time.monotonic()
+    deadline = flushed + 10.0
+    while time.monotonic() < deadline:
+        if rules() == before:
+            took = time.monotonic() - flushed
+            time.sleep(0.5)
+            return took
+        time.sleep(0.01)
+    raise BenchError("flushed rules were not restored within 10s")
+
+
+def _usage_line(u: dict[str, Any]) -> str:
+    return f"{u['cpu_percent']}% of a core, RSS {u['rss_mib']} MiB (CoreDNS {u['coredns_rss_mib']} MiB)"
+
+
+def plan_dict(plan: CostPlan) -> dict[str, Any]:
+    return {**asdict(plan), "node_cache_sync_interval_s": NODE_CACHE_SYNC_INTERVAL}

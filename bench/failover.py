@@ -1,0 +1,196 @@
+"""The fault matrix: a constant query rate from a pod through the kube-dns ClusterIP while something goes
+wrong, for the agent and for node-cache's behaviour. Per run: queries sent, failed, the longest gap without
+an answer, and the answers per 100 ms.
+
+How node-cache's behaviour is reproduced (it cannot be built here; see :mod:`bench.node`):
+
+- node-cache is ONE process (CoreDNS is compiled in). "SIGKILL CoreDNS" kills node-cache; its rules stay
+  behind (no socket match: the ClusterIP and the link-local address are a blackhole) until the kubelet
+  restarts the container. Modelled as SIGKILL of the baseline agent and its CoreDNS together, then a new
+  baseline agent after ``kubelet_delay`` seconds.
+- "SIGSTOP CoreDNS" stops node-cache; nothing notices within the run (its liveness probe is an httpGet with
+  periodSeconds 10 and failureThreshold 3: about 30 s). Modelled as SIGSTOP of the agent and CoreDNS.
+- A rolling restart is SIGTERM (node-cache removes its rules and exits), then a new pod.
+- A stub-domain change reaches node-cache through its kube-dns ConfigMap poll (every 10 s) and then the
+  ``reload`` plugin (every 30 s ± 7.5 s): no query fails either way, but the new domain answers only after
+  about 20 s on average (47.5 s at most). That delay is modelled, not measured; the queries failed during the
+  reload are measured with the baseline agent (a SIGUSR1 reload: the same in-process restart the reload
+  plugin performs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.node import KINDS, SERVICE, Kind, Node
+from tests import sandbox as sb
+from tests.agentproc import AgentProcess
+
+# The kubelet notices a dead container at its next PLEG relist (every 1 s) and restarts it at once the first
+# time (CrashLoopBackOff delays only later restarts: 10 s, doubling to 5 min). Container start-up itself is
+# not modelled, which favours the baseline.
+KUBELET_RESTART_DELAY = 1.0
+# node-cache's stub-domain reload path, for the modelled figure: the kube-dns ConfigMap poll period
+# (kube-dns options ConfigPeriod, 10 s), then the reload plugin's check interval (30 s, jitter ±7.5 s).
+CONFIGMAP_POLL = 10.0
+RELOAD_INTERVAL = 30.0
+RELOAD_JITTER = 15.0
+STUB_NAME = f"www.{sb.STUB_DOMAIN}"
+STUB_ANSWER = sb.SERVICES.stub[STUB_NAME]
+
+SCENARIOS = (
+    "sigkill_coredns",
+    "sigstop_coredns",
+    "sigkill_agent_and_coredns",
+    "rolling_restart",
+    "stub_domain_reload",
+)
+TITLES = {
+    "sigkill_coredns": "SIGKILL CoreDNS",
+    "sigstop_coredns": "SIGSTOP CoreDNS",
+    "sigkill_agent_and_coredns": "SIGKILL agent and CoreDNS together",
+    "rolling_restart": "rolling restart (SIGTERM, then a new agent)",
+    "stub_domain_reload": "stub-domain reload",
+}
+
+
+@dataclass(frozen=True)
+class FailoverPlan:
+    rate: float = 1000.0  # queries per second from the pod
+    duration: float = 10.0  # seconds of load per run
+    fault_at: float = 3.0  # seconds into the load
+    kubelet_delay: float = KUBELET_RESTART_DELAY
+
+
+def stub_reload_model() -> dict[str, float]:
+    """node-cache's delay until a new stub domain answers, from its two periodic checks: the ConfigMap
+    poll's wait is uniform on [0, 10 s); the reload plugin's interval is fixed per process, uniform on
+    30 s ± 7.5 s, and its wait uniform on [0, interval). Mean 5 + 15 s, worst 10 + 37.5 s."""
+    jitter = min(RELOAD_JITTER, RELOAD_INTERVAL / 2) / 2
+    return {
+        "mean_s": CONFIGMAP_POLL / 2 + RELOAD_INTERVAL / 2,
+        "max_s": CONFIGMAP_POLL + RELOAD_INTERVAL + jitter,
+    }
+
+
+Fault = Callable[[Node, Kind, AgentProcess, FailoverPlan], dict[str, Any]]
+
+
+def _restart_later(node: Node, kind: Kind, old: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    """The kubelet's part: once the old process is gone, a new one after ``kubelet_delay``."""
+    assert old.proc is not None
+    old.proc.wait(timeout=15)
+    time.sleep(plan.kubelet_delay)
+    node.start_agent(kind, wait=False)
+    return {"restarted_at": time.monotonic()}
+
+
+def _sigkill_coredns(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    if kind == "node_cache":
+        return _sigkill_agent_and_coredns(node, kind, agent, plan)
+    coredns = agent.coredns_pid()
+    if coredns is None:
+        raise RuntimeError("the agent has no CoreDNS to kill")
+    os.kill(coredns, signal.SIGKILL)
+    return {}
+
+
+def _sigstop_coredns(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    if kind == "node_cache":
+        node.kill_agent_and_coredns(agent, signal.SIGSTOP)
+        return {}
+    coredns = agent.coredns_pid()
+    if coredns is None:
+        raise RuntimeError("the agent has no CoreDNS to stop")
+    stopped = time.monotonic()
+    os.kill(coredns, signal.SIGSTOP)
+    agent.wait_for(lambda s: s.get("serving") is False, 10.0, "off the local path after a hang")
+    return {"hang_detected_after_s": round(time.monotonic() - stopped, 3)}
+
+
+def _sigkill_agent_and_coredns(
+    node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan
+) -> dict[str, Any]:
+    node.kill_agent_and_coredns(agent, signal.SIGKILL)
+    return _restart_later(node, kind, agent, plan)
+
+
+def _rolling_restart(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    began = time.monotonic()
+    agent.stop()
+    stopped = {"old_agent_stopped_in_s": round(time.monotonic() - began, 3)}
+    return {**stopped, **_restart_later(node, kind, agent, plan)}
+
+
+def _stub_domain_reload(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    box = node.box
+    changed = time.monotonic()
+    agent.write_kubedns({"stubDomains": json.dumps({sb.STUB_DOMAIN: [box.stub_ip]})})
+    if kind == "node_cache":
+        return {"stub_visible_after_s": None}  # modelled: see stub_reload_model()
+    deadline = changed + 10.0
+    while time.monotonic() < deadline:
+        if box.dig(box.pod(0), sb.KUBE_DNS_IP, STUB_NAME, check=False) == STUB_ANSWER:
+            return {"stub_visible_after_s": round(time.monotonic() - changed, 3)}
+        time.sleep(0.02)
+    raise RuntimeError(f"{STUB_NAME} did not answer within 10s of the ConfigMap change")
+
+
+FAULTS: dict[str, Fault] = {
+    "sigkill_coredns": _sigkill_coredns,
+    "sigstop_coredns": _sigstop_coredns,
+    "sigkill_agent_and_coredns": _sigkill_agent_and_coredns,
+    "rolling_restart": _rolling_restart,
+    "stub_domain_reload": _stub_domain_reload,
+}
+
+
+def run_scenario(node: Node, kind: Kind, scenario: str, plan: FailoverPlan) -> dict[str, Any]:
+    """One run on a reset node: an agent of ``kind`` serving, the load, the fault at ``plan.fault_at``.
+    The node is reset afterwards, also on failure."""
+    try:
+        agent = node.start_agent(kind)
+        node.warm(node.box.pod(0), sb.KUBE_DNS_IP, [SERVICE])
+        load = node.load(rate=plan.rate, duration=plan.duration)
+        start = load.started()
+        time.sleep(max(0.0, start + plan.fault_at - time.monotonic()))
+        fault = time.monotonic()
+        extra = FAULTS[scenario](node, kind, agent, plan)
+        result = load.result()
+        if "restarted_at" in extra:
+            extra["restarted_at_s"] = round(extra.pop("restarted_at") - start, 3)
+            node.agents[-1].wait_serving(20.0)  # the restarted agent must recover, or the run is void
+        return {
+            "sent": result["sent"],
+            "answered": result["answered"],
+            "failed": result["failed"],
+            "longest_gap_s": result["longest_gap"],
+            "fault_at_s": round(fault - start, 3),
+            "errors": result["errors"],
+            "answers_per_100ms": result["answers_per_100ms"],
+            **extra,
+        }
+    finally:
+        node.reset()
+
+
+def run_matrix(node: Node, plan: FailoverPlan, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Every scenario for both kinds, ours and the baseline back to back (one run of the matrix)."""
+    out: dict[str, dict[str, Any]] = {}
+    for scenario in SCENARIOS:
+        out[scenario] = {}
+        for kind in KINDS:
+            r = run_scenario(node, kind, scenario, plan)
+            out[scenario][kind] = r
+            log(f"  {scenario:26} {kind:10} failed {r['failed']:5}  longest gap {r['longest_gap_s']:.3f}s")
+    return out
+
+
+def plan_dict(plan: FailoverPlan) -> dict[str, Any]:
+    return {**asdict(plan), "stub_reload_model": stub_reload_model()}

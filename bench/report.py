@@ -1,0 +1,318 @@
+"""The README section and the plot, from the results JSON that ``bench.run`` writes.
+
+``python -m bench.report bench/results/results.json --readme README.md`` regenerates both without running
+anything: the section goes to ``README-section.md`` beside the JSON and, when the README has the markers,
+between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.datapath import TITLES as PATH_TITLES
+from bench.failover import SCENARIOS
+from bench.failover import TITLES as SCENARIO_TITLES
+from bench.stats import ratio
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+SECTION_FILE = "README-section.md"
+PLOT_FILE = "sigkill.png"
+PLOT_PATH_IN_README = "bench/results/sigkill.png"
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+class MarkerError(ValueError):
+    """The README lacks the bench markers, or has them out of order."""
+
+
+def replace_between_markers(text: str, section: str) -> str:
+    """``text`` with everything between the markers replaced by ``section`` (the markers stay)."""
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin < 0 or end < 0:
+        raise MarkerError(f"no {BEGIN} … {END} markers")
+    if end < begin or text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise MarkerError(f"the markers {BEGIN} and {END} must each appear once, in that order")
+    return text[: begin + len(BEGIN)] + "\n" + section.strip("\n") + "\n" + text[end:]
+
+
+def fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 100):
+        text = f"{int(value):,}".replace(",", " ")
+    else:
+        text = f"{value:.{digits}f}"
+    return f"{text} {unit}".rstrip() if unit else text
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.2f}{TIMES}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | None = None) -> str:
+    meta, med = results["meta"], results["median"]
+    m = meta["machine"]
+    plans = meta["plans"]
+    fo_plan, dp_plan = plans["failover"], plans["datapath"]
+    runs = "One run" if meta["runs"] == 1 else f"Medians of {meta['runs']} runs"
+    out = [
+        "## Benchmarks",
+        "",
+        f"`{meta['command']}` on {meta['date']}: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}, {m['coredns']}, iptables-{meta['flavour']}, Python {m['python']}. "
+        f"{runs}; ratios are ours ÷ baseline from the same runs. Everything runs in "
+        "the node sandbox (network namespaces for the node, a pod and kube-dns on one shared machine), so "
+        "absolute figures are those of veth pairs on this machine; the comparisons are the point.",
+        "",
+        "**The baseline is node-cache's behaviour, reproduced, not node-cache itself.** This project cannot "
+        "build node-cache (the Go module proxy refuses `k8s.io/dns`), so the baseline is the same agent "
+        "run with `--socket-gate=false` (node-cache's exact PREROUTING NOTRACK rule, without `-m socket`) "
+        "and `--host-failover=false` (host rules kept whatever CoreDNS's health), and each fault is applied "
+        "as it hits node-cache's single process (CoreDNS is compiled into it):",
+        "",
+        "- *SIGKILL CoreDNS* kills node-cache: its rules stay behind and the ClusterIP is a blackhole until "
+        f"the kubelet restarts it, modelled as SIGKILL of agent and CoreDNS and a new agent "
+        f"{fo_plan['kubelet_delay']:g} s later (the kubelet's PLEG relists every second and restarts a "
+        "container at once the first time; CrashLoopBackOff delays later restarts from 10 s; container "
+        "start-up is not modelled, which favours the baseline).",
+        "- *SIGSTOP CoreDNS* stops node-cache; nothing notices within the run (its liveness probe, an "
+        "httpGet every 10 s with failureThreshold 3, takes about 30 s).",
+        "- *Rolling restart*: SIGTERM (rules removed on the way out), then a new agent after the same delay. "
+        "The baseline agent stops CoreDNS before it removes its ungated rules, and the queries it loses fall "
+        "in that window; node-cache removes its interface, then its rules one iptables call at a time, then "
+        "stops CoreDNS, so its own window has another shape (not cross-checked).",
+        "- *Stub-domain reload*: queries failed are measured with a SIGUSR1 reload (the in-process restart "
+        "the `reload` plugin also performs); the time until node-cache answers for the new domain is "
+        f"modelled from its ConfigMap poll (10 s) and the reload plugin's interval (30 s ± 7.5 s): "
+        f"{fo_plan['stub_reload_model']['mean_s']:g} s on average, "
+        f"{fo_plan['stub_reload_model']['max_s']:g} s at most.",
+        "",
+        f"### Data path (dnsperf from a pod, cached names; latency at {dp_plan['latency_qps']} qps)",
+        "",
+    ]
+    dp = med["datapath"]
+    rows = []
+    for path in ("ours", "node_cache", "no_agent", "ceiling"):
+        r = dp.get(path)
+        if r is None:
+            continue
+        rows.append([PATH_TITLES[path], fmt(round(r["qps"])), fmt(r["p50_ms"], "ms", 3),
+                     fmt(r["p99_ms"], "ms", 3), fmt(r["p999_ms"], "ms", 3),
+                     _conntrack(r)])  # fmt: skip
+    if "ours" in dp and "node_cache" in dp:
+        o, b = dp["ours"], dp["node_cache"]
+        rows.append(["ratio ours ÷ node-cache rules"] + [fmt_ratio(ratio(o[k], b[k])) for k in
+                     ("qps", "p50_ms", "p99_ms", "p999_ms", "conntrack_per_100k")])  # fmt: skip
+    if "ours" in dp and "no_agent" in dp:
+        o, b = dp["ours"], dp["no_agent"]
+        rows.append(["ratio ours ÷ no local cache"] + [fmt_ratio(ratio(o[k], b[k])) for k in
+                     ("qps", "p50_ms", "p99_ms", "p999_ms", "conntrack_per_100k")])  # fmt: skip
+    out += _table(["path", "QPS (max)", "p50", "p99", "p99.9", "tracked by conntrack / 100k queries"], rows)
+    out += [
+        "",
+        "Conntrack: the queries that went through the node's conntrack table (its per-flow packet counters) "
+        f"during {dp_plan['conntrack_seconds']:g} s of {dp_plan['conntrack_rate']:g} qps from a client that "
+        "opens a fresh socket per query, as glibc does (dnsperf reuses one socket, which conntrack would see "
+        "as one flow), and in brackets the entries they created: fewer, because a query from a source port "
+        "whose entry is still live (30 s) joins it. In the sandbox kube-dns is a namespace on the same "
+        "machine, not a pod on another node, so the path without a local cache is as short as the local one, "
+        f"and dnsperf and CoreDNS share the machine's {m['nproc']} cores: QPS and latency are bound by the "
+        "CPU, and the paths differ little; what the sandbox shows is conntrack.",
+        "",
+        f"### Failover ({fo_plan['rate']:g} qps from a pod for {fo_plan['duration']:g} s, the fault at "
+        f"{fo_plan['fault_at']:g} s)",
+        "",
+    ]
+    fo = med["failover"]
+    rows = []
+    for scenario in SCENARIOS:
+        r = fo.get(scenario)
+        if r is None:
+            continue
+        o, b = r["ours"], r["node_cache"]
+        rows.append([SCENARIO_TITLES[scenario], fmt(o["failed"]), fmt(o["longest_gap_s"], "s", 3),
+                     fmt(b["failed"]), fmt(b["longest_gap_s"], "s", 3),
+                     fmt_ratio(ratio(o["failed"], b["failed"])),
+                     fmt_ratio(ratio(o["longest_gap_s"], b["longest_gap_s"]))])  # fmt: skip
+    out += _table(["fault", "failed (ours)", "longest gap (ours)", "failed (node-cache)",
+                   "longest gap (node-cache)", "ratio failed", "ratio gap"], rows)  # fmt: skip
+    out += [
+        "",
+        f"![Answers per 100 ms around a SIGKILL of CoreDNS, the agent against node-cache's behaviour]"
+        f"({PLOT_PATH_IN_README})",
+        "",
+        "### The agent's own cost (the agent process alone, not CoreDNS)",
+        "",
+    ]
+    c = med["cost"]
+    stub = fo.get("stub_domain_reload", {}).get("ours", {}).get("stub_visible_after_s")
+    sync = plans["cost"]["node_cache_sync_interval_s"]
+    load_qps = plans["cost"]["load_rate"]
+    idle, busy = c["idle"], c["under_load"]
+    model = fo_plan["stub_reload_model"]
+    rows = [
+        ["resident memory, idle", fmt(idle["rss_mib"], "MiB", 1), "—"],
+        ["CPU, idle", fmt(idle["cpu_percent"], "% of a core", 2), "—"],
+        [f"resident memory, {load_qps:g} qps through the cache", fmt(busy["rss_mib"], "MiB", 1), "—"],
+        [f"CPU, {load_qps:g} qps through the cache", fmt(busy["cpu_percent"], "% of a core", 2), "—"],
+        ["CoreDNS's resident memory (for scale)", fmt(idle["coredns_rss_mib"], "MiB", 1), "—"],
+        ["start to the first answer of the local cache", fmt(c["first_answer_s"], "s", 2), "—"],
+        ["`agent --check` wall time", fmt(c["check"]["wall_ms"], "ms", 1), "—"],
+        ["`agent --check` peak resident memory", fmt(c["check"]["peak_rss_mib"], "MiB", 1), "—"],
+        ["flushed rules restored after", fmt(c["restore_s"], "s", 3),
+         f"≤ {sync:g} s, {sync / 2:g} s on average (its `-syncinterval` check; modelled)"],
+        ["a new stub domain answers after", fmt(stub, "s", 2),
+         f"{model['mean_s']:g} s on average, ≤ {model['max_s']:g} s (modelled)"],
+    ]  # fmt: skip
+    out += _table(["figure", "ours", "node-cache"], rows)
+    out += [
+        "",
+        "node-cache has no process apart from CoreDNS (it is compiled in), so the agent's own figures have "
+        "nothing to compare with; the agent is not in the data path, which is why load does not change them.",
+    ]
+    if crosscheck:
+        out += ["", crosscheck_line(crosscheck)]
+    out += [
+        "",
+        "Raw figures: `bench/results/results.json`. `make bench-quick` runs every measurement once with "
+        "short durations (CI keeps the harness working with it; it does not judge figures).",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _conntrack(r: Mapping[str, Any]) -> str:
+    tracked, entries = r.get("conntrack_per_100k"), r.get("conntrack_entries_per_100k")
+    if tracked is None:
+        return "—"
+    return fmt(tracked) if not entries or entries == tracked else f"{fmt(tracked)} ({fmt(entries)} entries)"
+
+
+def resumed_after(run: Mapping[str, Any], rate: float) -> float | None:
+    """Seconds from the restart to the first 100 ms with at least half the load answered again."""
+    restarted = run.get("restarted_at_s")
+    if restarted is None:
+        return None
+    bins = run["answers_per_100ms"]
+    for i in range(int(restarted * 10), len(bins)):
+        if bins[i] >= rate / 20:
+            return max(0.0, round((i + 1) * 0.1 - restarted, 1))
+    return None
+
+
+def crosscheck_line(cc: Mapping[str, Any]) -> str:
+    real, model = cc["real"], cc["model"]
+    back_real, back_model = resumed_after(real, cc["rate"]), resumed_after(model, cc["rate"])
+    return (
+        f"Cross-check, run once by hand ({cc['date']}): the real node-cache {cc['version']} (built outside "
+        f"this project), killed with SIGKILL under the same load and restarted {cc['kubelet_delay']:g} s "
+        f"later, lost {fmt(real['failed'])} queries with a longest gap of "
+        f"{fmt(real['longest_gap_s'], 's', 3)}; "
+        f"the reproduction, in the same kind of sandbox, lost {fmt(model['failed'])} with a gap of "
+        f"{fmt(model['longest_gap_s'], 's', 3)}. The difference is the restarted process's start-up: "
+        f"node-cache answered again within {fmt(back_real, 's', 1)} of its restart, the reproduction (a new "
+        f"agent, which first removes the rules left behind) within {fmt(back_model, 's', 1)}; so the "
+        "reproduction overstates node-cache's SIGKILL outage by that much, and the outage is mostly the "
+        "kubelet's restart delay."
+    )
+
+
+def write_plot(timeline: Mapping[str, Any], path: Path) -> None:
+    """Answers per 100 ms over time in the SIGKILL scenario, ours against node-cache's behaviour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
+    styles = {"ours": ("agent (socket-gated rules)", "#1f77b4"),
+              "node_cache": ("node-cache behaviour (rules left behind)", "#d62728")}  # fmt: skip
+    top = 0
+    span = 0.0
+    for kind, (label, colour) in styles.items():
+        bins = timeline[kind]["answers_per_100ms"][:-1]  # the last bin holds answers after the load's end
+        xs = [i * 0.1 for i in range(len(bins) + 1)]
+        ax.stairs(bins, xs, label=label, color=colour, linewidth=2, baseline=None)
+        top, span = max(top, *bins), max(span, xs[-1])
+    fault = timeline["ours"]["fault_at_s"]
+    ax.axvline(fault, color="black", linestyle="--", linewidth=1)
+    ax.annotate("SIGKILL", (fault, top * 1.02), ha="right", va="bottom", fontsize=9, xytext=(-3, 0),
+                textcoords="offset points")  # fmt: skip
+    restarted = timeline["node_cache"].get("restarted_at_s")
+    if restarted is not None:
+        ax.axvline(restarted, color="#d62728", linestyle=":", linewidth=1)
+        ax.annotate("kubelet\nrestarts it", (restarted, top * 0.5), ha="right", va="center", fontsize=9,
+                    xytext=(-4, 0), textcoords="offset points", color="#d62728")  # fmt: skip
+    rate = timeline.get("rate")
+    ax.set_title(f"SIGKILL of CoreDNS under {rate:g} queries/s from a pod: answers per 100 ms", fontsize=11)
+    ax.set_xlabel("seconds since the load started")
+    ax.set_ylabel("answered queries per 100 ms")
+    ax.set_ylim(0, top * 1.12 if top else 1)
+    ax.set_xlim(0, span)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_report(results_path: Path, readme: Path | None) -> str:
+    """Section and plot beside the results; the README updated when it has the markers. Returns a note."""
+    results = json.loads(results_path.read_text())
+    out_dir = results_path.parent
+    cc_path = out_dir / "crosscheck.json"
+    crosscheck = json.loads(cc_path.read_text()) if cc_path.exists() else None
+    section = render_section(results, crosscheck)
+    write_atomically(out_dir / SECTION_FILE, section)
+    write_plot(results["sigkill_timeline"], out_dir / PLOT_FILE)
+    wrote = f"wrote {out_dir / SECTION_FILE} and {out_dir / PLOT_FILE}"
+    if readme is None:
+        return wrote
+    try:
+        write_atomically(readme, replace_between_markers(readme.read_text(), section))
+    except MarkerError as exc:
+        return f"{wrote}; {readme} not updated: it has {exc}"
+    return f"{wrote}, and the section in {readme}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="bench.report")
+    p.add_argument("results", type=Path, help="the results JSON written by bench.run")
+    p.add_argument("--readme", type=Path, help="rewrite this README's section between the bench markers")
+    a = p.parse_args()
+    print(write_report(a.results, a.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
