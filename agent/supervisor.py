@@ -188,6 +188,7 @@ class Supervisor:
     def start(self) -> None:
         """Leftovers out, interface up, Corefile rendered, CoreDNS launched; rules follow once healthy."""
         log.info("agent starting", local_ips=[str(ip) for ip in self.settings.local_ips])
+        self.metrics.healthy_since.set_function(self._healthy_for)
         self.network.remove_leftovers()
         changes = self.network.setup_interface()
         if changes:
@@ -323,7 +324,7 @@ class Supervisor:
                 self._apply_config("periodic re-render")
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.timing.heartbeat
-            self._heartbeat(now)
+            self._heartbeat()
 
     # Actions ----------------------------------------------------------------------------------------
     def _set_state(self, state: CoreDnsState, cause: str) -> None:
@@ -467,16 +468,19 @@ class Supervisor:
             log.warning("network restored", cause=cause, changes=changes)
 
     # Status -----------------------------------------------------------------------------------------
-    def _heartbeat(self, now: float) -> None:
+    def _heartbeat(self) -> None:
         self._write_status()
         self.notifier.watchdog()
-        since = now - self.healthy_since if self.healthy_since is not None else 0.0
-        self.metrics.healthy_since.set(since)
         memory = self.child.memory() if self.child is not None else None
         if memory is not None:
             self.peak_rss = max(self.peak_rss, memory[1])
             self.metrics.coredns_rss.set(memory[0])
             self.metrics.coredns_peak_rss.set(self.peak_rss)
+
+    def _healthy_for(self) -> float:
+        """Seconds since CoreDNS last became healthy, at scrape time; 0 while it is not."""
+        since = self.healthy_since
+        return time.monotonic() - since if since is not None and self.state.serving else 0.0
 
     def _write_status(self) -> None:
         status = Status(

@@ -6,6 +6,7 @@ many queries failed and what state the node is in afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from tests import sandbox as sb
@@ -133,8 +135,10 @@ def test_sigkill_of_agent_and_coredns_together_falls_back_to_kube_dns(
     load = Load(box, rate=400, duration=5)
     time.sleep(2)
     os.kill(agent.agent_pid(), signal.SIGKILL)
-    os.kill(coredns, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # its parent-death signal may have been faster
+        os.kill(coredns, signal.SIGKILL)
     result = load.result()
+    assert not psutil.pid_exists(coredns) or psutil.Process(coredns).status() == psutil.STATUS_ZOMBIE
     assert int(result["failed"]) <= 5, result
     assert float(result["longest_gap"]) < 0.5, result
     # A new agent removes the leftovers and takes the traffic back.
@@ -275,7 +279,10 @@ def test_check_imports_little_and_stays_under_30_mb(tmp_path: object) -> None:
 
 
 def test_metrics_report_rules_health_memory_and_setup_errors(box: sb.Sandbox, agent: AgentProcess) -> None:
-    time.sleep(1.2)  # one heartbeat
+    def coredns_memory_reported() -> bool:
+        return "nodelocaldns_agent_coredns_peak_resident_memory_bytes 0.0" not in agent.metrics()
+
+    wait_until(coredns_memory_reported, 5, "reporting CoreDNS's memory (a heartbeat)")
     text = agent.metrics()
     for errortype in ("iptables", "iptables_lock", "interface_add", "interface_check", "configmap"):
         assert f'coredns_nodecache_setup_errors_total{{errortype="{errortype}"}} 0.0' in text
@@ -308,3 +315,13 @@ def test_host_queries_follow_the_agent_managed_rule(box: sb.Sandbox, agent: Agen
     assert "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
     agent.wait_serving()
     assert host_query_is_local()
+
+
+def test_coredns_never_outlives_a_sigkilled_agent(box: sb.Sandbox, agent: AgentProcess) -> None:
+    coredns = agent.coredns_pid()
+    assert coredns is not None
+    os.kill(agent.agent_pid(), signal.SIGKILL)
+    # The parent-death signal takes CoreDNS with the agent; its sockets close and the gate shuts.
+    wait_until(lambda: not psutil.pid_exists(coredns), 2, "coredns gone")
+    assert box.dig(box.pod(0), KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)  # via kube-proxy's DNAT
