@@ -28,8 +28,8 @@ log = get_logger("health")
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How CoreDNS is probed. Defaults detect a hang within 3 s: 3 failed rounds at 0.5 s spacing, each
-    bounded by a 0.5 s timeout, fail after at most 0.5 + 3 x 0.5 + 3 x 0.5 = 2.5 s."""
+    """How CoreDNS is probed. Defaults detect a hang within 3 s: at most 0.5 s until the next round, then
+    three rounds that each time out after 0.5 s (a timed-out round starts the next at once): about 2 s."""
 
     addresses: tuple[IPAddress, ...]
     port: int
