@@ -7,7 +7,6 @@ the kube-dns path meanwhile.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from agent.config import Settings
@@ -97,21 +96,23 @@ class NodeNetwork:
         if self.packet_filter is not None:
             self.packet_filter.interrupt()
 
-    def teardown(self, deadline: float) -> None:
-        """Rules first, then addresses and the interface (the other order would, for a moment, send host
-        queries to an address nobody holds)."""
+    def remove_rules(self, deadline: float) -> None:
+        """Every tagged rule, within ``deadline`` even when the xtables lock is held."""
         if self.packet_filter is not None:
             try:
                 self.packet_filter.remove_all(deadline=deadline)
             except PacketFilterError as exc:
                 log.error("rules not removed", error=str(exc), cause="the next start removes them")
+
+    def remove_interface(self) -> None:
+        """The addresses and the interface: after the rules (the other order would, for a moment, send host
+        queries to an address nobody holds) and after CoreDNS let go of the addresses."""
         if self.interface is not None:
             try:
                 self.interface.remove()
             except InterfaceError as exc:
                 log.error("interface not removed", error=str(exc))
             self.interface.close()
-        log.info("networking removed", seconds_left=round(deadline - time.monotonic(), 3))
 
     def start_watchers(self, post: Callable[[Event], None]) -> None:
         def changed(source: str) -> None:

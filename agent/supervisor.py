@@ -50,7 +50,8 @@ class Network(Protocol):
     def install_rules(self, host_rules: bool) -> None: ...
     def set_host_rules(self, enabled: bool) -> None: ...
     def reconcile(self) -> list[str]: ...
-    def teardown(self, deadline: float) -> None: ...
+    def remove_rules(self, deadline: float) -> None: ...
+    def remove_interface(self) -> None: ...
     def interrupt(self) -> None: ...
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
     def stop_watchers(self) -> None: ...
@@ -110,6 +111,8 @@ class Timing:
     # shutdown_budget (the DaemonSet's grace period is longer).
     stop_grace: float = 3.0
     shutdown_budget: float = 10.0
+    # Between removing the rules and stopping CoreDNS: queries already on their way to it are answered.
+    drain: float = 0.2
     # How often the status file, the watchdog and the memory gauges are refreshed: far inside the liveness
     # check's 10 s and systemd's 30 s watchdog, and cheap enough for the idle budget.
     heartbeat: float = 2.0
@@ -498,32 +501,34 @@ class Supervisor:
 
     # Shutdown ---------------------------------------------------------------------------------------
     def shutdown(self) -> int:
-        """Host traffic to kube-dns, CoreDNS stopped, rules and interface removed: all within the budget."""
+        """DNS handed back to kube-dns while CoreDNS still answers, then CoreDNS stopped, then the interface
+        removed: all within the budget. Removing the rules before stopping CoreDNS (not after) means no query
+        is caught in a closing socket: new queries already go to kube-dns, those on their way get answered."""
         started = self.shutting_down_since = time.monotonic()
         deadline = started + self.timing.shutdown_budget
-        log.info("agent stopping", cause=self.stop_requested or "shutdown")
+        cause = self.stop_requested or "shutdown"
+        log.info("agent stopping", cause=cause)
         self.notifier.stopping()
-        self._set_state(CoreDnsState.STOPPING, self.stop_requested or "shutdown")
+        self._set_state(CoreDnsState.STOPPING, cause)
         self._host_rules_off()
         self._stop_prober()
         self.corefile.stop_watchers()
         self.network.stop_watchers()
+        teardown = not self.settings.skip_teardown
+        if teardown:
+            self.network.remove_rules(deadline)
+            time.sleep(min(self.timing.drain, max(0.0, deadline - time.monotonic())))
+        else:
+            log.info("networking left in place", cause="-skipteardown")
         if self.child is not None:
             self.child.signal(signal.SIGTERM)
-            if (
-                self.child.wait(timeout=min(self.timing.stop_grace, max(0.0, deadline - time.monotonic())))
-                is None
-            ):
+            grace = min(self.timing.stop_grace, max(0.0, deadline - time.monotonic()))
+            if self.child.wait(timeout=grace) is None:
                 log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace)
                 self.child.kill_group()
                 self.child.wait(timeout=1.0)
-        if self.settings.skip_teardown:
-            log.info("networking left in place", cause="-skipteardown")
-        else:
-            try:
-                self.network.teardown(deadline)
-            except Exception as exc:  # report, and still exit: the next start removes the leftovers
-                log.error("teardown incomplete", error=str(exc), cause="shutdown")
-        self.state, self.cause = CoreDnsState.STOPPED, self.stop_requested or "shutdown"
+        if teardown:
+            self.network.remove_interface()
+        self.state, self.cause = CoreDnsState.STOPPED, cause
         log.info("agent stopped", seconds=round(time.monotonic() - started, 3))
         return 0

@@ -49,8 +49,11 @@ class FakeNetwork:
         changes, self.restore = self.restore, []
         return changes
 
-    def teardown(self, deadline: float) -> None:
-        self.calls.log.append("teardown")
+    def remove_rules(self, deadline: float) -> None:
+        self.calls.log.append("remove_rules")
+
+    def remove_interface(self) -> None:
+        self.calls.log.append("remove_interface")
 
     def interrupt(self) -> None:
         self.calls.log.append("interrupt")
@@ -286,20 +289,20 @@ def test_an_unchanged_render_does_not_reload(h: Harness) -> None:
     assert not any("SIGUSR1" in c for c in h.calls.log)
 
 
-def test_sigterm_sends_host_traffic_away_first_then_stops_coredns_then_tears_down(h: Harness) -> None:
+def test_sigterm_hands_dns_to_kube_dns_before_coredns_stops_then_removes_the_interface(h: Harness) -> None:
     h.probe(ok=True)
     pid = h.child.pid
     h.sup.handle(Signal(signal.SIGTERM))
     assert h.sup.stop_requested == "received SIGTERM"
     assert h.sup.shutdown() == 0
-    tail = h.calls.log[-3:]
-    assert tail == ["host_rules(False)", f"signal {pid} SIGTERM", "teardown"]
+    tail = h.calls.log[-4:]
+    assert tail == ["host_rules(False)", "remove_rules", f"signal {pid} SIGTERM", "remove_interface"]
 
 
 def test_skipteardown_leaves_the_networking(tmp_path: Path, h: Harness) -> None:
     object.__setattr__(h.sup, "settings", Settings(skip_teardown=True, status_file=tmp_path / "s.json"))
     h.sup.shutdown()
-    assert "teardown" not in h.calls.log
+    assert "remove_rules" not in h.calls.log and "remove_interface" not in h.calls.log
 
 
 def test_a_missing_binary_keeps_the_agent_running_in_backoff(h: Harness) -> None:
