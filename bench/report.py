@@ -99,9 +99,10 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "- *SIGSTOP CoreDNS* stops node-cache; nothing notices within the run (its liveness probe, an "
         "httpGet every 10 s with failureThreshold 3, takes about 30 s).",
         "- *Rolling restart*: SIGTERM (rules removed on the way out), then a new agent after the same delay. "
-        "The baseline agent stops CoreDNS before it removes its ungated rules, and the queries it loses fall "
-        "in that window; node-cache removes its interface, then its rules one iptables call at a time, then "
-        "stops CoreDNS, so its own window has another shape (not cross-checked).",
+        "The baseline agent shuts down in the agent's order (rules removed while CoreDNS still answers, "
+        "then CoreDNS stopped), so this row does not model node-cache's own shutdown: it removes its "
+        "interface, then its rules one iptables call at a time, then stops CoreDNS; what that order loses "
+        "is not measured here.",
         "- *Stub-domain reload*: queries failed are measured with a SIGUSR1 reload (the in-process restart "
         "the `reload` plugin also performs); the time until node-cache answers for the new domain is "
         f"modelled from its ConfigMap poll (10 s) and the reload plugin's interval (30 s ± 7.5 s): "
