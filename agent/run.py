@@ -87,12 +87,13 @@ class CorefileFiles:
         self._watchers.clear()
 
 
-def coredns_launcher(settings: Settings) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
+def coredns_launcher(
+    settings: Settings, cgroup: Cgroup | None
+) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
     argv = [settings.coredns_binary, "-conf", str(settings.corefile)]
     if settings.pidfile is not None:
         argv += ["-pidfile", str(settings.pidfile)]
     env = dict(os.environ)
-    cgroup = Cgroup.of()
     limit = gomemlimit_for(cgroup.memory_limit() if cgroup else None)
     if limit and "GOMEMLIMIT" not in env:
         env["GOMEMLIMIT"] = limit
@@ -136,13 +137,14 @@ def run_agent(settings: Settings) -> int:
     notifier = Notifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
     kill_orphans(settings)
     metrics = Metrics()
+    cgroup = Cgroup.of()  # for GOMEMLIMIT, and to tell an OOM kill from another SIGKILL
     server = _serve_metrics(settings, metrics)
     corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))
     supervisor = Supervisor(
         settings=settings,
         network=NodeNetwork(settings, metrics),
         corefile=corefile,
-        launcher=coredns_launcher(settings),
+        launcher=coredns_launcher(settings, cgroup),
         probe_settings=ProbeSettings(
             local_ips,
             settings.dns_port,
@@ -153,7 +155,7 @@ def run_agent(settings: Settings) -> int:
         health_url=lambda: corefile.health_url,
         metrics=metrics,
         notifier=notifier,
-        cgroup=Cgroup.of(),
+        cgroup=cgroup,
     )
     supervisor.install_signal_handlers()
     try:

@@ -20,6 +20,15 @@ from tests.configmapdir import publish
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "corefile" / "Corefile.base"
 METRICS_ADDRESS = "127.0.0.1:9353"
+SERVICE, SERVICE_IP = "web.default.svc.cluster.local", "10.96.10.20"
+
+
+def local_answers(box: sb.Sandbox) -> bool:
+    """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
+    box.flush_conntrack()
+    answer = box.dig(box.pod(0), sb.KUBE_DNS_IP, SERVICE, check=False)
+    tracked = box.conntrack("-p", "udp", "--orig-dst", sb.KUBE_DNS_IP)
+    return answer == SERVICE_IP and "dport=53" not in tracked
 
 
 class AgentProcess:

@@ -20,11 +20,8 @@ import psutil
 import pytest
 
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess
+from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, local_answers
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
-
-SERVICE = "web.default.svc.cluster.local"
-SERVICE_IP = "10.96.10.20"
 
 
 class Load:
@@ -58,14 +55,6 @@ def agent(box: sb.Sandbox) -> Iterator[AgentProcess]:
     with AgentProcess(box) as proc:
         proc.wait_serving()
         yield proc
-
-
-def local_answers(box: sb.Sandbox) -> bool:
-    """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
-    box.flush_conntrack()
-    answer = box.dig(box.pod(0), KUBE_DNS_IP, SERVICE, check=False)
-    tracked = box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
-    return answer == SERVICE_IP and "dport=53" not in tracked
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:

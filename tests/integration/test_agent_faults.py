@@ -14,11 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess
-from tests.integration.test_agent import local_answers
+from tests.agentproc import SERVICE, AgentProcess, local_answers
 from tests.sandbox import KUBE_DNS_IP
-
-SERVICE = "web.default.svc.cluster.local"
 
 
 @contextlib.contextmanager

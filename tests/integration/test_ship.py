@@ -76,11 +76,14 @@ def coredns_serving(ns: str, caps: Sequence[str], workdir: Path) -> Iterator[sub
 
 
 def answers(ns: str, server: str, name: str, timeout: float = 5) -> bool:
+    """True once ``server`` answers NOERROR. (whoami answers in the additional section, so ``+short`` prints
+    nothing; and dig prints its own errors on stdout, so "some output" is no answer.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = sb.run(["ip", "netns", "exec", ns, "dig", f"@{server}", name, "+short", "+time=1", "+tries=1"],
-                     check=False)  # fmt: skip
-        if out.strip():
+        out = sb.run(
+            ["ip", "netns", "exec", ns, "dig", f"@{server}", name, "+time=1", "+tries=1"], check=False
+        )
+        if "status: NOERROR" in out:
             return True
         time.sleep(0.1)
     return False
