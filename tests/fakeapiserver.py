@@ -42,6 +42,7 @@ class FakeApiServer:
         self.requests: list[Request] = []
         self.sent: list[int] = []  # resourceVersions of the watch events sent, in order
         self.fail_next: list[int] = []  # HTTP statuses for the next requests, in order
+        self.streaming = 0  # watch streams past the resourceVersion check, waiting for events
         self._cond = threading.Condition()
         self._drops = 0
         self._stopping = False
@@ -157,6 +158,11 @@ class FakeApiServer:
     def lists(self) -> list[Request]:
         return [r for r in self.requests if not r.is_watch and r.path.endswith("/configmaps")]
 
+    def wait_for_streams(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until ``count`` watches are streaming: a compact() from now on cannot turn them into 410s."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.streaming >= count, timeout)
+
     def wait_for_requests(self, predicate: Any, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -261,20 +267,35 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk({"type": "ERROR", "object": _status(410, "Expired", message)})
                 self.wfile.write(b"0\r\n\r\n")
                 return
-            sent = since
-            while not api._stopping:
-                if api._drops != self.drops:
-                    with contextlib.suppress(OSError):
-                        self.connection.shutdown(2)  # abrupt: no final chunk
-                    return
-                pending = [e for e in api.events if e[0] > sent]
-                for version, kind, obj in pending:
-                    sent = version
-                    if (kind != "BOOKMARK" or bookmarks) and self._matches(namespace, name, obj):
-                        self._chunk({"type": kind, "object": obj})
-                        api.sent.append(version)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                api._cond.wait(min(remaining, 0.5))
-        self.wfile.write(b"0\r\n\r\n")
+            api.streaming += 1
+            api._cond.notify_all()
+            try:
+                dropped = self._send_events(since, deadline, namespace, name, bookmarks)
+            finally:
+                api.streaming -= 1
+        if dropped:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(2)  # abrupt: no final chunk
+        else:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _send_events(
+        self, since: int, deadline: float, namespace: str, name: str | None, bookmarks: bool
+    ) -> bool:
+        """Send the events after ``since`` as they come until the deadline; True if drop_watches() ended it.
+        The caller holds the lock."""
+        api = self.api
+        sent = since
+        while not api._stopping:
+            if api._drops != self.drops:
+                return True
+            for version, kind, obj in [e for e in api.events if e[0] > sent]:
+                sent = version
+                if (kind != "BOOKMARK" or bookmarks) and self._matches(namespace, name, obj):
+                    self._chunk({"type": kind, "object": obj})
+                    api.sent.append(version)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            api._cond.wait(min(remaining, 0.5))
+        return False

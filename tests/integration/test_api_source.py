@@ -54,10 +54,11 @@ def next_data(received: Received) -> dict[str, str] | None:
 
 
 def start_watching(api: FakeApiServer, watcher: ApiConfigMapWatcher, received: Received) -> None:
-    """The ConfigMap holds STUBS_A; the watcher has delivered it and opened its watch."""
+    """The ConfigMap holds STUBS_A; the watcher has delivered it and its watch is streaming."""
     api.set_configmap(NS, NAME, STUBS_A)
     watcher.start()
     assert next_data(received) == STUBS_A
+    assert api.wait_for_streams(1)
     assert api.wait_for_requests(lambda _: api.watches())
 
 
