@@ -16,6 +16,7 @@ from tests import sandbox as sb
 from tests.agentproc import AgentProcess
 from tests.configmapdir import publish
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
+from tests.waiting import poll
 
 SERVICE = "web.default.svc.cluster.local"
 
@@ -80,10 +81,7 @@ def main() -> int:
 
             say(f"the kube-dns ConfigMap gains the stub domain {STUB_DOMAIN} (a kubelet-style ..data swap)")
             publish(agent.kubedns_dir, {"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
-            deadline = time.monotonic() + 5
-            answer = ""
-            while not answer and time.monotonic() < deadline:
-                answer = box.dig(pod, KUBE_DNS_IP, f"www.{STUB_DOMAIN}", check=False)
+            answer = poll(lambda: box.dig(pod, KUBE_DNS_IP, f"www.{STUB_DOMAIN}", check=False), 5)
             print(f"  www.{STUB_DOMAIN} -> {answer or 'no answer'}")
 
             say("SIGTERM: the agent hands DNS back to kube-dns and removes what it installed")

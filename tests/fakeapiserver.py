@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.waiting import poll
+
 
 @dataclass(frozen=True)
 class Request:
@@ -164,12 +166,7 @@ class FakeApiServer:
             return self._cond.wait_for(lambda: self.streaming >= count, timeout)
 
     def wait_for_requests(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.requests):
-                return True
-            time.sleep(0.01)
-        return False
+        return bool(poll(lambda: predicate(self.requests), timeout, every=0.01))
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tests.waiting import poll
+
 Flavour = Literal["legacy", "nft"]
 
 PREFIX = "nldsb"
@@ -416,13 +418,9 @@ class Sandbox:
 
     def wait_for_dns(self, ns: str, server: str, name: str, *, timeout: float = 10, tcp: bool = False) -> str:
         """Query ``name`` at ``server`` from ``ns`` with dig until it answers; return the answer."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            last = self.dig(ns, server, name, tcp=tcp, check=False)
-            if last:
-                return last
-            time.sleep(0.1)
+        answer = poll(lambda: self.dig(ns, server, name, tcp=tcp, check=False), timeout, every=0.1)
+        if answer:
+            return answer
         raise SandboxError(f"{server} did not answer {name} from {ns} within {timeout}s")
 
     def dig(self, ns: str, server: str, name: str, rtype: str = "A", *, tcp: bool = False,

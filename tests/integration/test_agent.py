@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from tests import sandbox as sb
 from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, local_answers
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
+from tests.waiting import poll
 
 
 class Load:
@@ -57,13 +58,9 @@ def agent(box: sb.Sandbox) -> Iterator[AgentProcess]:
         yield proc
 
 
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not {what} within {timeout}s")
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    if not poll(predicate, timeout):
+        raise AssertionError(f"not {what} within {timeout}s")
 
 
 def test_pod_queries_are_answered_by_the_local_cache_without_conntrack(

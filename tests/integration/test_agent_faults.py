@@ -16,6 +16,7 @@ import pytest
 from tests import sandbox as sb
 from tests.agentproc import SERVICE, AgentProcess, local_answers
 from tests.sandbox import KUBE_DNS_IP
+from tests.waiting import poll
 
 
 @contextlib.contextmanager
@@ -38,9 +39,7 @@ def memory_cgroup(name: str) -> Iterator[tuple[Path, str, str]]:
         for pid in (path / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), 9)
-        deadline = time.monotonic() + 5
-        while (path / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll(lambda: not (path / "cgroup.procs").read_text().strip(), 5)
         path.rmdir()
 
 

@@ -23,6 +23,7 @@ from agent.corefile import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuild
 from agent.sources import DirectoryWatcher
 from tests import sandbox as sb
 from tests.configmapdir import publish
+from tests.waiting import poll
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,9 +89,4 @@ def _answer(box: sb.Sandbox, ns: str, name: str) -> str:
 
 
 def _wait_for_answer(box: sb.Sandbox, ns: str, name: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    answer = ""
-    while time.monotonic() < deadline and not answer:
-        answer = _answer(box, ns, name)
-        time.sleep(0.0 if answer else 0.05)
-    return answer
+    return poll(lambda: _answer(box, ns, name), timeout)

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from agent.rules import wanted_rules
 from tests import sandbox as sb
 from tests.netdriver import REPO, DriverError, NetDriver
 from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, LOCAL_IP, LOCAL_IP6
+from tests.waiting import poll
 
 NAME = "web.default.svc.cluster.local"
 KUBE_DNS_ANSWER = "10.96.10.20"
@@ -54,10 +56,10 @@ class LocalServer:
             )
         # The link-local addresses are never DNATed: an answer there comes from this server.
         for ip in (ip for ip in self.ips if ip in (LOCAL_IP, LOCAL_IP6)):
-            deadline = time.monotonic() + 5
-            while node_dig(self.box, ip) != LOCAL_ANSWER:
-                assert time.monotonic() < deadline, f"the local server does not answer on {ip}"
-                time.sleep(0.05)
+            assert poll(partial(self.answers, ip), 5), f"the local server does not answer on {ip}"
+
+    def answers(self, ip: str) -> bool:
+        return node_dig(self.box, ip) == LOCAL_ANSWER
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -255,10 +257,12 @@ def test_a_held_xtables_lock_bounds_the_wait_counts_the_error_and_recovers(node_
         assert net.metric("coredns_nodecache_setup_errors_total", errortype="iptables_lock") == 2
         assert tagged(box, 4) == Counter()
         fcntl.flock(lock, fcntl.LOCK_UN)
-        deadline = time.monotonic() + 5
-        while not net.call("installed") and time.monotonic() < deadline:
+
+        def reconciled() -> bool:
             net.call("reconcile")  # backs off after the failure, then installs
-            time.sleep(0.2)
+            return bool(net.call("installed"))
+
+        poll(reconciled, 5, every=0.2)
         assert tagged(box, 4) == expected(4, host=True, ips=[LOCAL_IP])
 
 

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import sandbox as sb
 from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, SERVICES, STUB_DOMAIN
+from tests.waiting import poll
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,10 +128,7 @@ def test_sandbox_is_removed_on_ctrl_c_and_sigterm(signum: int) -> None:
         assert run_id and sb.leftovers({run_id})
         proc.send_signal(signum)
         proc.wait(timeout=20)
-    deadline = time.monotonic() + 5
-    while sb.leftovers({run_id}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sb.leftovers({run_id}) == []
+    assert poll(lambda: sb.leftovers({run_id}) == [], 5, every=0.1)
 
 
 def test_the_node_itself_reaches_both_cluster_ips_through_output_dnat(shared_sandbox: sb.Sandbox) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import yaml
 from tests import sandbox as sb
 from tests.unit.test_manifest import LOCALDNS, run_sed
 from tests.unit.test_systemd_unit import UNIT, load_unit
+from tests.waiting import poll
 
 CAPABILITIES = sorted(
     c.removeprefix("CAP_").lower()
@@ -78,15 +78,8 @@ def coredns_serving(ns: str, caps: Sequence[str], workdir: Path) -> Iterator[sub
 def answers(ns: str, server: str, name: str, timeout: float = 5) -> bool:
     """True once ``server`` answers NOERROR. (whoami answers in the additional section, so ``+short`` prints
     nothing; and dig prints its own errors on stdout, so "some output" is no answer.)"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = sb.run(
-            ["ip", "netns", "exec", ns, "dig", f"@{server}", name, "+time=1", "+tries=1"], check=False
-        )
-        if "status: NOERROR" in out:
-            return True
-        time.sleep(0.1)
-    return False
+    dig = ["ip", "netns", "exec", ns, "dig", f"@{server}", name, "+time=1", "+tries=1"]
+    return poll(lambda: "status: NOERROR" in sb.run(dig, check=False), timeout, every=0.1)
 
 
 def test_the_granted_capabilities_are_enough_for_every_privileged_step(netns: str, tmp_path: Path) -> None:
@@ -161,10 +154,8 @@ def test_the_configmap_corefile_serves_and_answers_the_readiness_probe(tmp_path:
             proc = box.popen(box.node, [sb.COREDNS, "-conf", str(box.workdir / "Corefile.nodelocal")],
                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            deadline = time.monotonic() + 10
-            while (status := http_status(box, ready_url)) != "200 OK" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert status == "200 OK", (box.workdir / "nodelocal.log").read_text()
+            ready = poll(lambda: http_status(box, ready_url) == "200 OK", 10, every=0.1)
+            assert ready, (box.workdir / "nodelocal.log").read_text()
             assert http_status(box, f"http://{LOCALDNS}:8080/health") == "200 OK"
             # Cluster names go to kube-dns-upstream over TCP, other names to the upstream servers.
             assert box.dig(box.node, LOCALDNS, "web.default.svc.cluster.local") == "10.96.10.20"
