@@ -20,9 +20,11 @@ class Cgroup:
     path: Path
 
     @classmethod
-    def of(cls, pid: int | str = "self", root: Path = Path("/sys/fs/cgroup")) -> Cgroup | None:
+    def of(
+        cls, pid: int | str = "self", root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc")
+    ) -> Cgroup | None:
         try:
-            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            lines = (proc / str(pid) / "cgroup").read_text().splitlines()
         except OSError:
             return None
         for line in lines:
