@@ -47,10 +47,11 @@ def test_v2_max_means_no_limit(tmp_path: Path) -> None:
 def test_v1_reads_the_memory_controllers_hierarchy_even_on_a_hybrid_host(tmp_path: Path) -> None:
     # A hybrid host lists the unified hierarchy too, but it holds no memory files: v1 is the one to read.
     membership = "9:name=systemd:/\n4:memory:/kubepods/pod1/abc\n3:cpu,cpuacct:/kubepods/pod1/abc\n0::/\n"
-    proc, root = layout(tmp_path, membership, {"memory/kubepods/pod1/abc/memory.limit_in_bytes": "134217728\n",
-                                               "memory/kubepods/pod1/abc/memory.oom_control": V1_OOM_CONTROL})  # fmt: skip
+    pod = "memory/kubepods/pod1/abc"
+    files = {f"{pod}/memory.limit_in_bytes": "134217728\n", f"{pod}/memory.oom_control": V1_OOM_CONTROL}
+    proc, root = layout(tmp_path, membership, files)
     cgroup = Cgroup.of(4242, root=root, proc=proc)
-    assert cgroup == Cgroup(root / "memory/kubepods/pod1/abc")
+    assert cgroup == Cgroup(root / pod)
     assert cgroup.memory_limit() == 128 << 20
     assert cgroup.oom_kills() == 1
 
