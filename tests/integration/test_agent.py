@@ -178,6 +178,28 @@ def test_an_invalid_configmap_is_rejected_and_the_last_good_configuration_keeps_
     assert rejected and "stubDomains" in str(rejected[-1]["error"])
 
 
+def test_an_invalid_configmap_at_first_start_keeps_dns_on_kube_dns_until_it_is_fixed(box: sb.Sandbox) -> None:
+    agent = AgentProcess(box)
+    agent.write_kubedns({"upstreamNameservers": '["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]'})
+    with agent:
+        status = agent.wait_for(lambda s: s.get("state") == "backoff", 15, "waiting for a valid Corefile")
+        assert "no valid Corefile yet" in str(status.get("detail")), status
+        assert agent.coredns_pid() is None
+        ours = [line for line in box.save_rules().splitlines() if "NodeLocal DNS agent" in line]
+        assert ours and all("health probes" in line for line in ours), ours  # only the marked probes' rules
+        assert box.dig(box.pod(0), KUBE_DNS_IP, SERVICE) == SERVICE_IP
+        assert not local_answers(box)
+        rejected = [e for e in agent.events() if e.get("event") == "configuration rejected"]
+        assert rejected and "upstreamNameservers: 4 nameservers" in str(rejected[0]["error"]), rejected
+        # Alive: a restart would not mend the ConfigMap, so the liveness probe does not ask for one.
+        check = [sys.executable, "-m", "agent", "--check", "--status-file", str(agent.status_file)]
+        alive = subprocess.run(check, capture_output=True, text=True, check=False)
+        assert alive.returncode == 0 and "on the fallback path" in alive.stdout, alive
+        agent.write_kubedns({"upstreamNameservers": '["10.0.0.1"]'})
+        agent.wait_serving(timeout=10)
+        assert local_answers(box)
+
+
 def test_port_53_busy_before_start_keeps_dns_on_kube_dns_and_recovers(box: sb.Sandbox) -> None:
     # A squatter holds 10.96.0.10:53 on an interface of its own before the agent starts.
     box.exec(box.node, ["ip", "link", "add", "squat0", "type", "bridge"])
