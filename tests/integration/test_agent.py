@@ -200,6 +200,16 @@ def test_an_invalid_configmap_at_first_start_keeps_dns_on_kube_dns_until_it_is_f
         assert local_answers(box)
 
 
+def test_a_missing_coredns_binary_is_named_and_dns_stays_on_kube_dns(box: sb.Sandbox) -> None:
+    missing = str(box.workdir / "no-such-coredns")
+    with AgentProcess(box, extra=["--coredns-binary", missing]) as agent:
+        status = agent.wait_for(lambda s: missing in str(s.get("detail", "")), 15, "naming the binary")
+        assert status["state"] == "backoff" and "No such file" in str(status["detail"]), status
+        assert box.dig(box.pod(0), KUBE_DNS_IP, SERVICE) == SERVICE_IP  # through kube-proxy to kube-dns
+        assert not local_answers(box)
+        assert agent.proc is not None and agent.proc.poll() is None  # still running, retrying with backoff
+
+
 def test_port_53_busy_before_start_keeps_dns_on_kube_dns_and_recovers(box: sb.Sandbox) -> None:
     # A squatter holds 10.96.0.10:53 on an interface of its own before the agent starts.
     box.exec(box.node, ["ip", "link", "add", "squat0", "type", "bridge"])
