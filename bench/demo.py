@@ -13,12 +13,10 @@ import threading
 import time
 
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess
+from tests.agentproc import SERVICE, AgentProcess, query_path
 from tests.configmapdir import publish
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
 from tests.waiting import poll
-
-SERVICE = "web.default.svc.cluster.local"
 
 
 def say(text: str) -> None:
@@ -27,11 +25,9 @@ def say(text: str) -> None:
 
 def path_of_query(box: sb.Sandbox) -> str:
     """Where a pod's query to the ClusterIP went: the node's conntrack table tells."""
-    box.flush_conntrack()
-    answer = box.dig(box.pod(0), KUBE_DNS_IP, SERVICE, check=False) or "no answer"
-    tracked = "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    answer, tracked = query_path(box)
     via = "kube-proxy DNAT to kube-dns (conntrack entry)" if tracked else "the local cache (not tracked)"
-    return f"{answer:12} via {via}"
+    return f"{answer or 'no answer':12} via {via}"
 
 
 def load(box: sb.Sandbox, rate: int, duration: float, out: dict[str, object]) -> threading.Thread:

@@ -23,12 +23,19 @@ METRICS_ADDRESS = "127.0.0.1:9353"
 SERVICE, SERVICE_IP = "web.default.svc.cluster.local", "10.96.10.20"
 
 
-def local_answers(box: sb.Sandbox) -> bool:
-    """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
+def query_path(box: sb.Sandbox) -> tuple[str, bool]:
+    """A pod's query for SERVICE to the ClusterIP: its answer ("" for none), and whether the node's conntrack
+    table tracked it (kube-proxy's DNAT path) or not (the local cache)."""
     box.flush_conntrack()
     answer = box.dig(box.pod(0), sb.KUBE_DNS_IP, SERVICE, check=False)
-    tracked = box.conntrack("-p", "udp", "--orig-dst", sb.KUBE_DNS_IP)
-    return answer == SERVICE_IP and "dport=53" not in tracked
+    tracked = "dport=53" in box.conntrack("-p", "udp", "--orig-dst", sb.KUBE_DNS_IP)
+    return answer, tracked
+
+
+def local_answers(box: sb.Sandbox) -> bool:
+    """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
+    answer, tracked = query_path(box)
+    return answer == SERVICE_IP and not tracked
 
 
 class AgentProcess:
