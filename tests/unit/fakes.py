@@ -1,4 +1,5 @@
-"""Recording fakes of the OS seams: iptables binaries (a small in-memory model) and netlink."""
+"""Recording fakes of the OS seams: iptables binaries (a small in-memory model) and netlink; and a reader
+of the metrics the code under test moves."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.interface import Address, Link
+from agent.metrics import Metrics
 from agent.rules import Family
 from agent.xtables import PacketFilterInterruptError, Result
 
@@ -163,3 +165,8 @@ class FakeNetlink:
 
     def close(self) -> None:
         self.closed = True
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A metric's current value (0 when the series does not exist yet)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0

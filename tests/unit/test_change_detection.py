@@ -14,7 +14,7 @@ from agent.netreconcile import NetworkReconciler
 from agent.netwatch import InterfaceWatcher, NftablesWatcher
 from agent.packetfilter import PacketFilter
 from agent.xtables import Xtables
-from tests.unit.fakes import FakeIptables, FakeNetlink
+from tests.unit.fakes import FakeIptables, FakeNetlink, sample
 
 HEADER = {4: 112, 6: 168}  # sizeof(struct ipt_entry), sizeof(struct ip6t_entry)
 OFFSETS = {4: (88, 92, 96), 6: (140, 144, 152)}  # target_offset, comefrom, counters
@@ -156,9 +156,7 @@ def test_the_interface_is_checked_on_a_watcher_event_or_at_the_safety_interval_n
     assert r.reconcile() == [] and nl.calls == []  # no event yet: the interface is not looked at
     r.note_change("interface")
     assert r.reconcile() == ["added address 169.254.20.10/32 to nodelocaldns"]
-    assert (
-        metrics.registry.get_sample_value("nodelocaldns_agent_rules_restored_total", {"what": "address"}) == 1
-    )
+    assert sample(metrics, "nodelocaldns_agent_rules_restored_total", what="address") == 1
     nl.addrs[nl.links["nodelocaldns"].index].clear()
     clock.now = 30.0 + 60.0
     assert r.reconcile() == ["added address 169.254.20.10/32 to nodelocaldns"]  # the safety check

@@ -9,7 +9,7 @@ import pytest
 
 from agent.interface import IFA_F_NODAD, Address, Interface, InterfaceError, Link
 from agent.metrics import Metrics
-from tests.unit.fakes import FakeNetlink
+from tests.unit.fakes import FakeNetlink, sample
 
 IPS = [ipaddress.ip_address(i) for i in ("169.254.20.10", "fd00::10")]
 
@@ -99,12 +99,7 @@ def test_another_programs_interface_of_that_name_is_never_touched(link: Link, me
         with pytest.raises(InterfaceError, match=message):
             action()
     assert [c[0] for c in nl.calls] == ["find_link", "find_link"]
-    assert (
-        metrics.registry.get_sample_value(
-            "coredns_nodecache_setup_errors_total", {"errortype": "interface_add"}
-        )
-        == 1
-    )
+    assert sample(metrics, "coredns_nodecache_setup_errors_total", errortype="interface_add") == 1
 
 
 def test_errors_name_the_action_and_the_errno() -> None:
@@ -117,12 +112,7 @@ def test_errors_name_the_action_and_the_errno() -> None:
     metrics = Metrics()
     with pytest.raises(InterfaceError, match=r"list addresses of nodelocaldns: .*deleted it\) \(ENODEV\)"):
         make(nl, metrics).check()
-    assert (
-        metrics.registry.get_sample_value(
-            "coredns_nodecache_setup_errors_total", {"errortype": "interface_check"}
-        )
-        == 1
-    )
+    assert sample(metrics, "coredns_nodecache_setup_errors_total", errortype="interface_check") == 1
 
 
 def test_an_address_that_appeared_meanwhile_is_not_an_error() -> None:

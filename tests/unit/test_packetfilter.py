@@ -21,7 +21,7 @@ from agent.xtables import (
     Xtables,
     XtablesLockError,
 )
-from tests.unit.fakes import FakeIptables
+from tests.unit.fakes import FakeIptables, sample
 
 IPS = ("169.254.20.10", "10.96.0.10", "fd00::10")
 
@@ -76,10 +76,6 @@ def expected(host: bool, *ips: str) -> list[tuple[int, str, str, str]]:
         [ipaddress.ip_address(i) for i in ips or IPS], dns_port=53, health_port=8080, host_rules=host
     )
     return sorted((r.family, r.table, r.chain, r.spec) for r in rules)
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_install_puts_every_rule_once_at_the_top_and_verifies() -> None:
