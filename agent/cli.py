@@ -8,6 +8,7 @@ mode that needs them: ``agent --check`` runs every few seconds on every node and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -185,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return teardown(settings)
     from agent.run import run_agent
 
+    if os.getpid() == 1:  # a container's init: reap orphans and forward signals, then run the agent
+        from agent.pid1 import run_as_init
+
+        return run_as_init(lambda: run_agent(settings))
     return run_agent(settings)
 
 

@@ -32,6 +32,8 @@ RELOAD_FAILED = re.compile(r"SIGUSR1: (?!Reloading)|Restart failed")
 # the agent survives to fail DNS over and restart it (where the container's cgroup is not killed as one).
 # Relative, not 1000: on a bare-metal node CoreDNS must not become the first victim of the whole node.
 OOM_SCORE_ADJ_ABOVE_AGENT = 500
+# After CoreDNS exits, how long its exit event waits for the rest of its output, in seconds.
+PUMP_DRAIN = 1.0
 
 
 def coredns_oom_score_adj() -> int:
@@ -98,6 +100,7 @@ class CoreDnsProcess:
         self._post = post
         self._env = dict(env) if env is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
         self.started_at = 0.0
         # The last lines CoreDNS printed, to say why it failed to start or exited.
         self.recent_output: deque[str] = deque(maxlen=20)
@@ -124,13 +127,18 @@ class CoreDnsProcess:
         # Raising a score needs no privilege; the window before this write is a few microseconds.
         with contextlib.suppress(OSError):
             Path(f"/proc/{pid}/oom_score_adj").write_text(str(coredns_oom_score_adj()))
-        threading.Thread(target=self._pump_output, name=f"coredns-{pid}-output", daemon=True).start()
+        self._pump = threading.Thread(target=self._pump_output, name=f"coredns-{pid}-output", daemon=True)
+        self._pump.start()
         threading.Thread(target=self._wait, name=f"coredns-{pid}-waiter", daemon=True).start()
         return pid
 
     def _wait(self) -> None:
-        assert self._proc is not None
+        """Post the exit once the output is read to its end, so the cause quotes CoreDNS's last line. The
+        pipe closes with CoreDNS; a grandchild holding it open (none expected) delays the event at most
+        ``PUMP_DRAIN`` seconds."""
+        assert self._proc is not None and self._pump is not None
         returncode = self._proc.wait()
+        self._pump.join(PUMP_DRAIN)
         self._post(ChildExited(self._proc.pid, returncode))
 
     def _pump_output(self) -> None:

@@ -136,6 +136,10 @@ class Prober:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         url = self.settings.health_url
         health = HealthEndpoint(url, self.settings.timeout) if url else None

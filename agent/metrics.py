@@ -83,7 +83,23 @@ class Metrics:
         )
         self.corefile_renders = Counter(
             "nodelocaldns_agent_corefile_renders",
-            "Corefile renders by result (changed, unchanged, invalid).",
+            "Corefile renders by result (changed, unchanged, invalid, unwritable).",
             ["result"],
+            registry=r,
+        )
+        self.serving = Gauge(
+            "nodelocaldns_agent_serving",
+            "1 while CoreDNS is healthy and the agent's rules are verified in place (what READY=1 reports).",
+            registry=r,
+        )
+        self.agent_failures = Counter(
+            "nodelocaldns_agent_failures",
+            "Unexpected errors that stopped the agent (it shuts down cleanly and exits non-zero).",
+            registry=r,
+        )
+        self.thread_restarts = Counter(
+            "nodelocaldns_agent_thread_restarts",
+            "Background threads found dead and started again, by thread (prober).",
+            ["thread"],
             registry=r,
         )

@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -214,9 +215,11 @@ class Watchers:
                 w.stop()
             raise
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """All of them within ``timeout`` seconds in total (a stuck one is a daemon thread: left behind)."""
+        deadline = time.monotonic() + timeout
         for w in self.watchers:
-            w.stop()
+            w.stop(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:

@@ -2,7 +2,8 @@
 
 Errors are reported and counted here (the interface and the packet filter count their own setup errors),
 never raised into the supervisor's loop: a failed step is retried by the next reconcile, and DNS stays on
-the kube-dns path meanwhile.
+the kube-dns path meanwhile. What is installed is the packet filter's to know; the supervisor asks
+:meth:`NodeNetwork.rules_in_place` rather than remembering what it asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from agent.metrics import Metrics
 from agent.netreconcile import NetworkReconciler
 from agent.netwatch import Watchers, watchers_for
 from agent.packetfilter import PacketFilter
+from agent.stopflag import StopFlag
 from agent.teardown import remove_leftover_rules
 from agent.xtables import PacketFilterError, PacketFilterInterruptError
 
@@ -24,7 +26,7 @@ log = get_logger("network")
 
 
 class NodeNetwork:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, stop: StopFlag | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.interface = (
@@ -32,7 +34,9 @@ class NodeNetwork:
             if settings.setup_interface
             else None
         )
-        self.packet_filter = PacketFilter(settings, metrics) if settings.setup_iptables else None
+        self.packet_filter = (
+            PacketFilter(settings, metrics, stop=stop or StopFlag()) if settings.setup_iptables else None
+        )
         self.reconciler = NetworkReconciler(self.interface, self.packet_filter, metrics)
         self._watchers: Watchers | None = None
 
@@ -61,14 +65,23 @@ class NodeNetwork:
             log.error("probe rules not installed", error=str(exc), cause="retried by the reconcile")
 
     def install_rules(self, host_rules: bool) -> None:
-        if self.packet_filter is None:
+        """The whole rule set in place, host rules as given. Cheap when it is in place already (only the
+        host rules may change); a failure is retried with back-off by :meth:`reconcile`."""
+        pf = self.packet_filter
+        if pf is None:
+            return
+        if pf.installed:
+            self.set_host_rules(host_rules)
             return
         try:
-            changes = self.packet_filter.install(host_rules)
+            changes = pf.install(host_rules)
+        except PacketFilterInterruptError:
+            log.info("rules left out", cause="shutting down")
+            return
         except PacketFilterError as exc:
             log.error("rules not installed", error=str(exc), cause="retried by the reconcile")
             return
-        log.info("rules installed", host_rules=host_rules, mode=self.packet_filter.mode, changes=len(changes))
+        log.info("rules installed", host_rules=host_rules, mode=pf.mode, changes=len(changes))
 
     def set_host_rules(self, enabled: bool) -> None:
         if self.packet_filter is None:
@@ -78,11 +91,20 @@ class NodeNetwork:
                 log.info("host rules " + ("added" if enabled else "removed"),
                          cause="coredns healthy" if enabled else "coredns not healthy")  # fmt: skip
         except PacketFilterInterruptError:
-            log.info("host rules left to the teardown", cause="shutting down")
+            log.info("host rules left to the shutdown", cause="shutting down")
         except PacketFilterError as exc:
             log.error(
                 "host rules not changed", enabled=enabled, error=str(exc), cause="retried by the reconcile"
             )
+
+    def rules_in_place(self) -> bool:
+        """The pod rules are verified in place (always true when the agent does not manage rules)."""
+        return self.packet_filter is None or self.packet_filter.installed
+
+    def host_rules_in_place(self) -> bool:
+        """The host-query rules are wanted and verified in place."""
+        pf = self.packet_filter
+        return pf is not None and pf.installed and pf.host_rules
 
     def reconcile(self) -> list[str]:
         try:
@@ -91,11 +113,6 @@ class NodeNetwork:
             log.error("reconcile failed", error=str(exc), cause="retried at the next tick")
             return []
 
-    def interrupt(self) -> None:
-        """Cut a lock wait short (safe from a signal handler): shutdown must not wait for kube-proxy."""
-        if self.packet_filter is not None:
-            self.packet_filter.interrupt()
-
     def remove_rules(self, deadline: float) -> None:
         """Every tagged rule, within ``deadline`` even when the xtables lock is held."""
         if self.packet_filter is not None:
@@ -103,6 +120,14 @@ class NodeNetwork:
                 self.packet_filter.remove_all(deadline=deadline)
             except PacketFilterError as exc:
                 log.error("rules not removed", error=str(exc), cause="the next start removes them")
+
+    def remove_host_rules(self, deadline: float) -> None:
+        """At a shutdown that leaves the rest in place: host queries must not follow a stopping CoreDNS."""
+        if self.packet_filter is not None:
+            try:
+                self.packet_filter.remove_host_rules(deadline=deadline)
+            except PacketFilterError as exc:
+                log.error("host rules not removed", error=str(exc), cause="the next start removes them")
 
     def remove_interface(self) -> None:
         """The addresses and the interface: after the rules (the other order would, for a moment, send host
@@ -124,7 +149,10 @@ class NodeNetwork:
         self._watchers = watchers_for(interface_name=iface, nftables=nft, callback=changed)
         self._watchers.start()
 
-    def stop_watchers(self) -> None:
+    def watchers_alive(self) -> bool:
+        return self._watchers is None or self._watchers.alive
+
+    def stop_watchers(self, timeout: float) -> None:
         if self._watchers is not None:
-            self._watchers.stop()
+            self._watchers.stop(timeout)
             self._watchers = None

@@ -10,7 +10,6 @@ after a short back-off, counted, and reported as :class:`XtablesLockError`.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from agent.fingerprint import Fingerprint, LegacyFingerprint, NftGeneration
 from agent.logs import get_logger
 from agent.metrics import Metrics
 from agent.rules import FAMILIES, TABLES, Family, Plan, Rule, family_of, plan, tagged_rules, wanted_rules
+from agent.stopflag import Abort, StopFlag
 from agent.xtables import (
     Mode,
     PacketFilterError,
@@ -71,7 +71,7 @@ class Converger:
         wanted: Sequence[Rule],
         *,
         deadline: float,
-        abort: threading.Event | None = None,
+        abort: Abort | None = None,
     ) -> Converged:
         """Raises PacketFilterError (XtablesLockError, PacketFilterInterruptError) when it cannot."""
         applied: list[Plan] = []
@@ -105,7 +105,9 @@ class Converger:
                 if lock_waits >= _LOCK_WAITS or time.monotonic() + _LOCK_RETRY_PAUSE >= deadline:
                     raise
                 log.warning("xtables lock busy, retrying", family=family, pause=_LOCK_RETRY_PAUSE)
-                if (abort or threading.Event()).wait(_LOCK_RETRY_PAUSE):
+                if abort is None:
+                    time.sleep(_LOCK_RETRY_PAUSE)
+                elif abort.wait(_LOCK_RETRY_PAUSE):
                     raise PacketFilterInterruptError(
                         f"IPv{family} rules: interrupted in a lock wait"
                     ) from None
@@ -125,7 +127,7 @@ def remove_tagged_rules(
     *,
     families: Iterable[Family] = FAMILIES,
     deadline: float,
-    abort: threading.Event | None = None,
+    abort: Abort | None = None,
 ) -> list[str]:
     """Remove every rule carrying the agent's tag from one backend; nothing else is touched."""
     converger = Converger(xtables, metrics)
@@ -159,7 +161,8 @@ class PacketFilter:
     _next_full_check: float = field(default=0.0, init=False)
     _retry_at: float = field(default=0.0, init=False)
     _backoff: float = field(default=0.0, init=False)
-    _interrupt: threading.Event = field(default_factory=threading.Event, init=False)
+    # The shutdown latch (the supervisor's): once set, every operation but the shutdown's own fails at once.
+    stop: StopFlag = field(default_factory=StopFlag)
     _blind_warned: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -234,7 +237,7 @@ class PacketFilter:
 
     def remove_all(self, *, deadline: float | None = None) -> list[str]:
         """Remove exactly the agent's tagged rules, both families; idempotent. Not cut short by
-        :meth:`interrupt` (it is the shutdown path); bounded by ``deadline`` (monotonic) instead."""
+        the stop latch (it is the shutdown path); bounded by ``deadline`` (monotonic) instead."""
         assert self.xtables is not None
         self._wanted = self._converged = False
         self._set_gauges()
@@ -244,10 +247,14 @@ class PacketFilter:
         log.info("rules removed", cause="teardown", removed=len(changes))
         return changes
 
-    def interrupt(self) -> None:
-        """Cut short a lock wait in progress and fail every later operation except :meth:`remove_all`.
-        Safe from a signal handler or another thread: the shutdown latch."""
-        self._interrupt.set()
+    def remove_host_rules(self, *, deadline: float) -> list[str]:
+        """The shutdown's step when the rest stays (``-skipteardown``): the host-query rules must not point
+        the node at a CoreDNS that is about to stop. Like :meth:`remove_all`, not cut short by the stop
+        latch; bounded by ``deadline`` instead."""
+        self._host = False
+        if not self._wanted:
+            return []
+        return self._converge("host rules off (shutdown)", deadline, shutdown=True)
 
     # Internals -------------------------------------------------------------------------------------------
     def _default_deadline(self) -> float:
@@ -267,8 +274,10 @@ class PacketFilter:
                 return False
         return True
 
-    def _converge(self, cause: str, deadline: float | None) -> list[str]:
-        if self._interrupt.is_set():
+    def _converge(self, cause: str, deadline: float | None, *, shutdown: bool = False) -> list[str]:
+        """Cut short by the stop latch, except for the shutdown's own steps."""
+        abort = None if shutdown else self.stop
+        if abort is not None and abort.is_set():
             raise PacketFilterInterruptError(f"{cause}: the packet filter is shutting down")
         s = self.settings
         wanted = wanted_rules(
@@ -283,7 +292,7 @@ class PacketFilter:
             for _ in range(2):
                 applied: list[Plan] = []
                 for family in self._families:
-                    done = self._converger.converge(family, wanted, deadline=deadline, abort=self._interrupt)
+                    done = self._converger.converge(family, wanted, deadline=deadline, abort=abort)
                     self._verified[family] = done.fingerprint
                     applied += done.plans
                 changes += [line for p in applied for line in p.describe()]

@@ -11,6 +11,8 @@ import functools
 import os
 import re
 import sys
+import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -23,11 +25,13 @@ from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
 from agent.corefile import HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
 from agent.events import ApiConfigMap, ConfigChanged, Event
 from agent.health import ProbeSettings
+from agent.kubedns import KEYS as KUBEDNS_KEYS
 from agent.kubedns import KubeDnsConfig, parse_kubedns
 from agent.logs import get_logger, setup_logging
 from agent.metrics import Metrics
 from agent.sources import ApiConfigMapWatcher, DirectoryWatcher, SourceError, read_service_cluster_ip
-from agent.supervisor import Supervisor
+from agent.stopflag import StopFlag
+from agent.supervisor import EXIT_FAILED, Supervisor
 
 log = get_logger("agent")
 
@@ -63,11 +67,14 @@ class CorefileFiles:
 
     def start_watchers(self, post: Callable[[Event], None]) -> None:
         s = self.settings
-        watched: list[tuple[Path, str]] = [(s.base_corefile.parent, "template")]
+        # Only the files the agent reads count (and the kubelet's ``..data`` swap of a ConfigMap volume).
+        watched: list[tuple[Path, str, frozenset[str]]] = [
+            (s.base_corefile.parent, "template", frozenset({s.base_corefile.name}))
+        ]
         if s.kubedns_configmap_dir is not None:
-            watched.append((s.kubedns_configmap_dir, "kube-dns configmap"))
-        for path, what in watched:
-            watcher = DirectoryWatcher(path, functools.partial(post, ConfigChanged(what)))
+            watched.append((s.kubedns_configmap_dir, "kube-dns configmap", frozenset(KUBEDNS_KEYS)))
+        for path, what, names in watched:
+            watcher = DirectoryWatcher(path, functools.partial(post, ConfigChanged(what)), names=names)
             try:
                 watcher.start()
             except SourceError as exc:
@@ -81,9 +88,14 @@ class CorefileFiles:
             api.start()
             self._watchers.append(api)
 
-    def stop_watchers(self) -> None:
+    def watchers_alive(self) -> bool:
+        return all(watcher.alive for watcher in self._watchers)
+
+    def stop_watchers(self, timeout: float) -> None:
+        """Every watcher within ``timeout`` seconds in total."""
+        deadline = time.monotonic() + timeout
         for watcher in self._watchers:
-            watcher.stop()
+            watcher.stop(max(0.0, deadline - time.monotonic()))
         self._watchers.clear()
 
 
@@ -127,26 +139,44 @@ def api_cluster_dns_ip(settings: Settings) -> IPAddress | None:
 def run_agent(settings: Settings) -> int:
     setup_logging(settings.log_format)
     try:
-        local_ips = settings.require_local_ips()
+        settings.require_local_ips()
     except ConfigError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
+    metrics = Metrics()
+    server = _serve_metrics(settings, metrics)
+    try:
+        try:
+            supervisor = build_supervisor(settings, metrics)
+        except Exception as exc:  # nothing is installed yet: say why, exit non-zero, be restarted
+            log.error("agent failed", cause=f"unexpected error at start: {type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc())  # fmt: skip
+            return EXIT_FAILED
+        supervisor.install_signal_handlers()
+        return supervisor.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def build_supervisor(settings: Settings, metrics: Metrics) -> Supervisor:
+    """The real parts, wired. Nothing here changes the node: that starts in :meth:`Supervisor.run`."""
     from agent.network import NodeNetwork
     from agent.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
     kill_orphans(settings)
-    metrics = Metrics()
     cgroup = Cgroup.of()  # for GOMEMLIMIT, and to tell an OOM kill from another SIGKILL
-    server = _serve_metrics(settings, metrics)
     corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))
-    supervisor = Supervisor(
+    stop = StopFlag()
+    return Supervisor(
         settings=settings,
-        network=NodeNetwork(settings, metrics),
+        network=NodeNetwork(settings, metrics, stop),
         corefile=corefile,
         launcher=coredns_launcher(settings, cgroup),
         probe_settings=ProbeSettings(
-            local_ips,
+            settings.require_local_ips(),
             settings.dns_port,
             HEALTH_PROBE_NAME,
             None,
@@ -156,14 +186,8 @@ def run_agent(settings: Settings) -> int:
         metrics=metrics,
         notifier=notifier,
         cgroup=cgroup,
+        stop=stop,
     )
-    supervisor.install_signal_handlers()
-    try:
-        return supervisor.run()
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
 
 
 def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer | None:

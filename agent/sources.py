@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,18 +33,32 @@ class SourceError(RuntimeError):
 # The mounted directory ------------------------------------------------------------------------------------
 
 
+# The kubelet's atomic writer renames a new ``..data`` symlink into place for every ConfigMap version.
+KUBELET_DATA_LINK = "..data"
+
+
 class DirectoryWatcher:
     """Calls ``on_change()`` once a burst of changes in directory ``path`` has been quiet for ``debounce`` s.
 
     The kubelet publishes a new ConfigMap version by creating a ``..TIMESTAMP`` directory, renaming a
     ``..data_tmp`` symlink over ``..data`` and deleting the old version: four events for one change, all in
     the mounted directory itself (the key symlinks never change), so a non-recursive watch of the directory
-    sees them and one call follows. Plain edits of a file in the directory (a host's template) count too."""
+    sees them and one call follows. Plain edits of a file in the directory (a host's template) count too.
 
-    def __init__(self, path: Path, on_change: Callable[[], None], debounce: float = 0.2) -> None:
+    ``names``: only changes to these files (and a ``..data`` swap) count; None counts every file. A log file
+    or an editor's swap file next to the template must not re-render the Corefile in a loop."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_change: Callable[[], None],
+        debounce: float = 0.2,
+        names: frozenset[str] | None = None,
+    ) -> None:
         self.path = path
         self.on_change = on_change
         self.debounce = debounce
+        self.names = None if names is None else names | {KUBELET_DATA_LINK}
         self._cond = threading.Condition()
         self._due: float | None = None
         self._stopped = False
@@ -60,26 +75,49 @@ class DirectoryWatcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type not in _READ_ONLY_EVENTS:
+                if event.event_type not in _READ_ONLY_EVENTS and watcher.concerns(event):
                     watcher._poke()
 
         self._thread = threading.Thread(target=self._run, name=f"watch {self.path}", daemon=True)
         self._thread.start()
         self._observer = Observer()
-        self._observer.schedule(Handler(), str(self.path), recursive=False)
-        self._observer.start()
+        try:
+            self._observer.schedule(Handler(), str(self.path), recursive=False)
+            self._observer.start()
+        except OSError as exc:  # inotify's per-user instance or watch limit, most often
+            self.stop(timeout=1.0)
+            raise SourceError(f"{self.path}: cannot watch it: {exc}") from exc
         log.info("directory_watch_started", path=str(self.path))
 
+    def concerns(self, event: Any) -> bool:
+        """Whether a watchdog event touches a file that counts (a move counts by either name)."""
+        if self.names is None:
+            return True
+        paths = (event.src_path, getattr(event, "dest_path", "") or "")
+        return any(Path(os.fsdecode(p)).name in self.names for p in paths if p)
+
+    @property
+    def alive(self) -> bool:
+        """Both threads (the debouncer and watchdog's observer) run; False after :meth:`stop`."""
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self._observer is not None
+            and self._observer.is_alive()
+        )
+
     def stop(self, timeout: float = 5.0) -> None:
+        """Both threads within ``timeout`` seconds in total."""
+        deadline = time.monotonic() + timeout
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout)
+            self._observer.join(max(0.0, deadline - time.monotonic()))
             self._observer = None
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             self._thread = None
 
     def _poke(self) -> None:
@@ -169,6 +207,10 @@ class ApiConfigMapWatcher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"watch {self._what}", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()

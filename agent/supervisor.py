@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -37,24 +38,29 @@ from agent.logs import get_logger
 from agent.metrics import Metrics
 from agent.states import CoreDnsState
 from agent.status import Status, write_status
+from agent.stopflag import StopFlag
 
 log = get_logger("supervisor")
 
 
 class Network(Protocol):
-    """The node's networking as the supervisor drives it (interface, rules, their watchers)."""
+    """The node's networking as the supervisor drives it (interface, rules, their watchers). It owns what is
+    installed: the supervisor asks (``rules_in_place``), it does not keep a copy."""
 
     def remove_leftovers(self) -> None: ...
     def setup_interface(self) -> list[str]: ...
     def prepare_rules(self) -> None: ...
     def install_rules(self, host_rules: bool) -> None: ...
     def set_host_rules(self, enabled: bool) -> None: ...
+    def rules_in_place(self) -> bool: ...
+    def host_rules_in_place(self) -> bool: ...
     def reconcile(self) -> list[str]: ...
     def remove_rules(self, deadline: float) -> None: ...
+    def remove_host_rules(self, deadline: float) -> None: ...
     def remove_interface(self) -> None: ...
-    def interrupt(self) -> None: ...
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def stop_watchers(self) -> None: ...
+    def watchers_alive(self) -> bool: ...
+    def stop_watchers(self, timeout: float) -> None: ...
 
 
 class CorefileSource(Protocol):
@@ -63,7 +69,8 @@ class CorefileSource(Protocol):
     def render(self, api_data: Mapping[str, str] | None) -> str: ...
     def write(self, text: str) -> bool: ...
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def stop_watchers(self) -> None: ...
+    def watchers_alive(self) -> bool: ...
+    def stop_watchers(self, timeout: float) -> None: ...
 
 
 class Notifier(Protocol):
@@ -83,6 +90,8 @@ class NullNotifier:
 class ProberLike(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    @property
+    def alive(self) -> bool: ...
 
 
 Launcher = Callable[[Callable[[Event], None]], CoreDnsProcess]
@@ -123,8 +132,20 @@ class Timing:
 
 @dataclass
 class _Reload:
+    """A SIGUSR1 reload sent to one CoreDNS child, waiting for its confirmation."""
+
+    pid: int
     deadline: float
-    previous: str
+    previous: str  # the Corefile that child confirmed last: written back if the reload fails
+
+
+# Signals: the first group stops the agent (SIGQUIT too, as node-cache does: Python's default would dump
+# core and leave the rules); the second re-renders the Corefile and reloads CoreDNS (SIGUSR1 even when
+# nothing changed, as node-cache's CoreDNS does on SIGUSR1).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+# Exit status after an unexpected error: non-zero so that the kubelet or systemd restarts the agent.
+EXIT_FAILED = 1
 
 
 @dataclass
@@ -141,52 +162,77 @@ class Supervisor:
     prober_factory: ProberFactory = Prober
     # Where CoreDNS's /health answers, read from the rendered Corefile at each launch (None: not probed).
     health_url: Callable[[], str | None] = lambda: None
+    # The stop latch, shared with the packet filter so a stop cuts a lock wait short.
+    stop: StopFlag = field(default_factory=StopFlag)
+    # Every timeout and timer reads this clock; tests drive it.
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
 
     state: CoreDnsState = field(default=CoreDnsState.STOPPED, init=False)
     cause: str = field(default="not started", init=False)
+    serving: bool = field(default=False, init=False)  # RUNNING and the rules verified in place
     child: CoreDnsProcess | None = field(default=None, init=False)
     prober: ProberLike | None = field(default=None, init=False)
-    rules_installed: bool = field(default=False, init=False)
-    host_rules: bool = field(default=False, init=False)
     failures: int = field(default=0, init=False)
-    probe_failures: int = field(default=0, init=False)
     restart_at: float | None = field(default=None, init=False)
     restart_delay: float = field(default=0.0, init=False)
-    start_deadline: float | None = field(default=None, init=False)
     healthy_since: float | None = field(default=None, init=False)
     corefile_text: str | None = field(default=None, init=False)
     api_data: Mapping[str, str] | None = field(default=None, init=False)
-    reload: _Reload | None = field(default=None, init=False)
     retry_render_at: float | None = field(default=None, init=False)
-    stop_requested: str | None = field(default=None, init=False)
     shutting_down_since: float | None = field(default=None, init=False)
-    oom_kills_at_start: int | None = field(default=None, init=False)
     ever_ready: bool = field(default=False, init=False)
     peak_rss: int = field(default=0, init=False)  # bytes, across every CoreDNS child
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue, init=False)
+    # Per-child state: set at launch, cleared when that child exits or is replaced.
+    probe_failures: int = field(default=0, init=False)
+    start_deadline: float | None = field(default=None, init=False)
+    oom_kills_at_start: int | None = field(default=None, init=False)
+    reload: _Reload | None = field(default=None, init=False)
+    reload_when_healthy: str | None = field(default=None, init=False)  # a change seen while starting
     _next_reconcile: float = field(default=0.0, init=False)
     _next_heartbeat: float = field(default=0.0, init=False)
     _next_rerender: float = field(default=0.0, init=False)
 
-    # Posting (any thread; SimpleQueue.put is reentrant, so signal handlers may call it) ------------------
+    @property
+    def stop_requested(self) -> str | None:
+        return self.stop.reason
+
+    # Posting (any thread). Signal handlers only record: the latch is one attribute write, and
+    # SimpleQueue.put is reentrant (documented safe in a signal handler); the loop does the rest.
     def post(self, event: Event) -> None:
         self.events.put(event)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: object) -> None:
-            self.network.interrupt()  # a lock wait in progress must not delay the shutdown
+            self.stop.request(f"received {signal.Signals(signum).name}")
             self.post(Signal(signum))
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, lambda signum, _frame: self.post(Signal(signum)))
+        def record(signum: int, _frame: object) -> None:
+            self.post(Signal(signum))
+
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop)
+        for signum in RELOAD_SIGNALS:
+            signal.signal(signum, record)
 
     # The loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
-        self.start()
-        while self.stop_requested is None:
-            self.step(self._wait_time())
-        return self.shutdown()
+        """Start, loop until stopped, shut down. An unexpected error anywhere is logged once with its
+        traceback, then the same bounded shutdown runs (rules out, CoreDNS stopped) and the exit status is
+        non-zero, so that the kubelet or systemd starts a fresh agent."""
+        failed = False
+        try:
+            self.start()
+            while self.stop.reason is None:
+                self.step(self._wait_time())
+        except Exception as exc:
+            failed = True
+            self.stop.request(f"unexpected error: {type(exc).__name__}: {exc}")
+            log.error("agent failed", cause=self.stop.reason, traceback=traceback.format_exc())
+            self.metrics.agent_failures.inc()
+        code = self.shutdown()
+        return EXIT_FAILED if failed else code
 
     def start(self) -> None:
         """Leftovers out, interface up, Corefile rendered, CoreDNS launched; rules follow once healthy."""
@@ -210,10 +256,10 @@ class Supervisor:
             event = None
         if event is not None:
             self.handle(event)
-        self._timers(time.monotonic())
+        self._timers(self.clock())
 
     def _wait_time(self) -> float:
-        now = time.monotonic()
+        now = self.clock()
         deadlines = [self._next_reconcile, self._next_heartbeat, self._next_rerender]
         for d in (self.restart_at, self.start_deadline, self.retry_render_at):
             if d is not None:
@@ -240,15 +286,16 @@ class Supervisor:
                 self._reconcile(f"kernel reported: {what}")
             case Signal(signum=signum):
                 name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    self._apply_config("SIGHUP")
+                if signum in RELOAD_SIGNALS:
+                    self._apply_config(name, force=signum == signal.SIGUSR1)
                 else:
-                    self.stop_requested = f"received {name}"
+                    self.stop.request(f"received {name}")
 
     def _on_child_exit(self, pid: int, returncode: int) -> None:
         if self.child is None or pid != self.child.pid:
             return  # an earlier child we already gave up on
         how = describe_returncode(returncode)
+        self._forget_reload("coredns exited")
         if self.state is CoreDnsState.STOPPING:
             log.info("coredns stopped", pid=pid, how=how)
             return
@@ -290,7 +337,7 @@ class Supervisor:
             self._kill_and_fail(f"hung: {self.probe_failures} probe rounds failed ({result.detail})", "hang")
 
     def _on_child_output(self, pid: int, line: str) -> None:
-        if self.reload is None or self.child is None or pid != self.child.pid:
+        if self.reload is None or pid != self.reload.pid:
             return
         if RELOAD_DONE in line:
             self.reload = None
@@ -333,19 +380,42 @@ class Supervisor:
     def _set_state(self, state: CoreDnsState, cause: str) -> None:
         if state is self.state and cause == self.cause:
             return
-        log.info("coredns state", **{"from": str(self.state), "to": str(state)}, cause=cause)
         self.metrics.coredns_state.labels(str(self.state)).set(0)
         self.metrics.coredns_state.labels(str(state)).set(1)
-        self.state, self.cause = state, cause
+        before, self.state, self.cause = self.state, state, cause
+        self._update_serving(cause, announce=False)
+        log.info(
+            "coredns state", **{"from": str(before), "to": str(state)}, cause=cause, serving=self.serving
+        )
         self._write_status()
-        where = "serving DNS" if state.serving else "DNS on the kube-dns fallback path"
-        self.notifier.status(f"{where}; coredns {state}: {cause}")
+        self._announce()
+
+    def _update_serving(self, cause: str, *, announce: bool = True) -> None:
+        """``serving`` follows what is true: CoreDNS healthy *and* the packet filter's rules verified in
+        place. READY=1 goes out the first time both hold, never before."""
+        serving = self.state is CoreDnsState.RUNNING and self.network.rules_in_place()
+        if serving == self.serving:
+            return
+        self.serving = serving
+        self.metrics.serving.set(1 if serving else 0)
+        if announce:  # a state change logs it with the state
+            log.info("serving" if serving else "not serving", cause=cause)
+            self._write_status()
+            self._announce()
+        if serving and not self.ever_ready:
+            self.ever_ready = True
+            self.notifier.ready("serving DNS")
+
+    def _announce(self) -> None:
+        where = "serving DNS" if self.serving else "DNS on the kube-dns fallback path"
+        self.notifier.status(f"{where}; coredns {self.state}: {self.cause}")
 
     def _launch(self, cause: str) -> None:
         self.restart_at = None
         if self.child is not None:
             self.child.kill_group()
             self.child.wait(timeout=2.0)
+        self._forget_child()
         if self.corefile_text is None:
             self._backoff("no valid Corefile yet: fix the template or ConfigMap", "start_failed", count=False)
             return
@@ -354,35 +424,40 @@ class Supervisor:
         try:
             pid = child.start()
         except CoreDnsStartError as exc:
-            self.child = None
             self._backoff(str(exc), "start_failed")
             return
         self.child = child
-        self.probe_failures = 0
-        self.start_deadline = time.monotonic() + self.timing.start_timeout
-        probe = replace(self.probe_settings, health_url=self.health_url())
-        self.prober = self.prober_factory(probe, pid, self.post)
-        self.prober.start()
+        self.start_deadline = self.clock() + self.timing.start_timeout
+        self._start_prober()
         self._set_state(CoreDnsState.STARTING, f"{cause}: launched pid {pid}")
+
+    def _forget_child(self) -> None:
+        """Everything that belonged to the previous child goes with it."""
+        self._stop_prober()
+        self._forget_reload("coredns replaced")
+        self.child = None
+        self.probe_failures = 0
+        self.start_deadline = None
+        self.reload_when_healthy = None
+
+    def _start_prober(self) -> None:
+        assert self.child is not None
+        probe = replace(self.probe_settings, health_url=self.health_url())
+        self.prober = self.prober_factory(probe, self.child.pid, self.post)
+        self.prober.start()
 
     def _became_healthy(self) -> None:
         self.start_deadline = None
-        self.healthy_since = time.monotonic()
-        if not self.rules_installed:
-            self.network.install_rules(host_rules=True)
-            self.rules_installed = self.host_rules = True
-        else:
-            self.network.set_host_rules(True)
-            self.host_rules = True
+        self.healthy_since = self.clock()
+        self.network.install_rules(host_rules=True)
         self._set_state(CoreDnsState.RUNNING, "answering on every local address")
-        if not self.ever_ready:
-            self.ever_ready = True
-            self.notifier.ready("serving DNS")
+        if self.reload_when_healthy is not None:
+            cause, self.reload_when_healthy = self.reload_when_healthy, None
+            self._send_reload(f"{cause} (while coredns was starting)")
 
     def _host_rules_off(self) -> None:
-        if self.host_rules and self.settings.host_failover:
+        if self.settings.host_failover:
             self.network.set_host_rules(False)
-            self.host_rules = False
 
     def _fail(self, cause: str, label: str) -> None:
         """CoreDNS is gone or useless: host traffic back to kube-dns now, restart after a backoff."""
@@ -391,7 +466,7 @@ class Supervisor:
         self.metrics.coredns_restarts.labels(label).inc()
         if (
             self.healthy_since is not None
-            and time.monotonic() - self.healthy_since >= self.timing.backoff_reset_after
+            and self.clock() - self.healthy_since >= self.timing.backoff_reset_after
         ):
             self.failures = 0
         self.healthy_since = None
@@ -408,7 +483,7 @@ class Supervisor:
         delay = min(self.timing.backoff_max, self.timing.backoff_base * 2 ** max(0, self.failures - 1))
         self.start_deadline = None
         self.restart_delay = delay
-        self.restart_at = time.monotonic() + delay
+        self.restart_at = self.clock() + delay
         self._set_state(CoreDnsState.BACKOFF, f"{cause}; restarting in {delay:.2f}s")
         if label == "start_failed" and count:
             self.metrics.coredns_restarts.labels(label).inc()
@@ -436,42 +511,78 @@ class Supervisor:
         if text == self.corefile_text:
             self.metrics.corefile_renders.labels("unchanged").inc()
             return False
-        self.corefile.write(text)
+        try:
+            self.corefile.write(text)
+        except OSError as exc:
+            self.metrics.corefile_renders.labels("unwritable").inc()
+            log.error("corefile not written", cause=cause, path=str(self.settings.corefile),
+                      error=f"{exc.strerror or exc}", keeping="the last good Corefile")  # fmt: skip
+            return False
         previous, self.corefile_text = self.corefile_text, text
         self.metrics.corefile_renders.labels("changed").inc()
         log.info("corefile written", cause=cause, first=previous is None)
         return True
 
-    def _apply_config(self, cause: str) -> None:
+    def _apply_config(self, cause: str, *, force: bool = False) -> None:
         previous = self.corefile_text
-        if not self._render(cause) or previous is None:
-            if previous is None and self.corefile_text is not None and self.state is CoreDnsState.BACKOFF:
-                self.restart_at = time.monotonic()  # the first valid Corefile: start now
+        changed = self._render(cause)
+        if previous is None:
+            if self.corefile_text is not None and self.state is CoreDnsState.BACKOFF:
+                self.restart_at = self.clock()  # the first valid Corefile: start now
             return
-        if self.child is not None and self.state in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
-            self.reload = _Reload(time.monotonic() + self.timing.reload_timeout, previous)
-            self.child.signal(signal.SIGUSR1)
-            log.info("coredns reload requested", cause=cause)
+        if not changed and not force:
+            return
+        if self.child is None or self.state is CoreDnsState.BACKOFF:
+            return  # the next launch reads the file as it is now
+        if self.state is CoreDnsState.STARTING:
+            # It may have read the file before this write: reload once it answers, not while it binds.
+            self.reload_when_healthy = cause
+            return
+        self._send_reload(cause, previous)
+
+    def _send_reload(self, cause: str, previous: str | None = None) -> None:
+        assert self.child is not None
+        # A reload still pending keeps the Corefile that was last confirmed as the one to fall back to.
+        confirmed = self.reload.previous if self.reload is not None else previous or self.corefile_text
+        assert confirmed is not None
+        self.reload = _Reload(self.child.pid, self.clock() + self.timing.reload_timeout, confirmed)
+        self.child.signal(signal.SIGUSR1)
+        log.info("coredns reload requested", cause=cause)
+
+    def _forget_reload(self, why: str) -> None:
+        """A reload in flight belongs to its child: once the child is gone, the next one reads the current
+        file at start, so the reload is neither confirmed nor failed."""
+        if self.reload is not None:
+            log.info("coredns reload dropped", cause=why, pid=self.reload.pid)
+            self.reload = None
 
     def _reload_failed(self, why: str) -> None:
         assert self.reload is not None
         previous, self.reload = self.reload.previous, None
         self.metrics.reloads.labels("failed").inc()
-        # CoreDNS keeps serving the old configuration; put the old file back so a restart uses it too.
-        self.corefile.write(previous)
-        self.corefile_text = previous
-        self.retry_render_at = time.monotonic() + self.timing.reload_retry
+        self.retry_render_at = self.clock() + self.timing.reload_retry
         log.error("coredns reload failed", cause=why, keeping="the previous Corefile",
                   retry_in=self.timing.reload_retry)  # fmt: skip
+        # CoreDNS keeps serving the old configuration; put the old file back so a restart uses it too.
+        try:
+            self.corefile.write(previous)
+        except OSError as exc:
+            log.error(
+                "corefile not restored", path=str(self.settings.corefile), error=f"{exc.strerror or exc}"
+            )
+            return
+        self.corefile_text = previous
 
     # Networking -------------------------------------------------------------------------------------
     def _reconcile(self, cause: str) -> None:
         changes = self.network.reconcile()
         if changes:  # the packet filter and the interface count what they restored
             log.warning("network restored", cause=cause, changes=changes)
+        self._update_serving(f"rules checked: {cause}")
 
     # Status -----------------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
+        self._check_threads()
         self._write_status()
         self.notifier.watchdog()
         memory = self.child.memory() if self.child is not None else None
@@ -479,6 +590,21 @@ class Supervisor:
             self.peak_rss = max(self.peak_rss, memory[1])
             self.metrics.coredns_rss.set(memory[0])
             self.metrics.coredns_peak_rss.set(self.peak_rss)
+
+    def _check_threads(self) -> None:
+        """A background thread that died is noticed here. The prober belongs to one child and starts again;
+        a dead watcher means missed changes for good, so the agent fails (the run's boundary shuts down
+        cleanly and exits non-zero) rather than limp on."""
+        if self.prober is not None and not self.prober.alive:
+            log.error("prober restarted", cause="its thread died", pid=self.child.pid if self.child else None)
+            self.metrics.thread_restarts.labels("prober").inc()
+            self._start_prober()
+        for what, alive in (
+            ("network", self.network.watchers_alive),
+            ("config", self.corefile.watchers_alive),
+        ):
+            if not alive():
+                raise ThreadDiedError(f"a {what} watcher thread died")
 
     def _healthy_for(self) -> float:
         """Seconds since CoreDNS last became healthy, at scrape time; 0 while it is not."""
@@ -490,7 +616,7 @@ class Supervisor:
             pid=os.getpid(),
             heartbeat=time.monotonic(),
             state=str(self.state),
-            serving=self.state.serving,
+            serving=self.serving,
             detail=self.cause,
             shutting_down_since=self.shutting_down_since,
         )
@@ -502,33 +628,66 @@ class Supervisor:
     # Shutdown ---------------------------------------------------------------------------------------
     def shutdown(self) -> int:
         """DNS handed back to kube-dns while CoreDNS still answers, then CoreDNS stopped, then the interface
-        removed: all within the budget. Removing the rules before stopping CoreDNS (not after) means no query
-        is caught in a closing socket: new queries already go to kube-dns, those on their way get answered."""
+        removed, then the watchers: all within the budget. Removing the rules before stopping CoreDNS (not
+        after) means no query is caught in a closing socket: new queries already go to kube-dns, those on
+        their way get answered. Each step runs even if an earlier one failed."""
+        # Deadlines handed to the network are real monotonic time (a lock wait is real), as is the status.
         started = self.shutting_down_since = time.monotonic()
         deadline = started + self.timing.shutdown_budget
-        cause = self.stop_requested or "shutdown"
+        cause = self.stop.reason or "shutdown"
+        self.stop.request(cause)  # operations other than the shutdown's own now fail at once
         log.info("agent stopping", cause=cause)
-        self.notifier.stopping()
-        self._set_state(CoreDnsState.STOPPING, cause)
-        self._host_rules_off()
-        self._stop_prober()
-        self.corefile.stop_watchers()
-        self.network.stop_watchers()
         teardown = not self.settings.skip_teardown
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("announce", lambda: self._stopping(cause)),
+            ("prober", self._stop_prober),
+        ]
         if teardown:
-            self.network.remove_rules(deadline)
-            time.sleep(min(self.timing.drain, max(0.0, deadline - time.monotonic())))
+            steps += [
+                ("rules", lambda: self.network.remove_rules(deadline)),
+                ("drain", lambda: self._drain(deadline)),
+            ]
         else:
-            log.info("networking left in place", cause="-skipteardown")
-        if self.child is not None:
-            self.child.signal(signal.SIGTERM)
-            grace = min(self.timing.stop_grace, max(0.0, deadline - time.monotonic()))
-            if self.child.wait(timeout=grace) is None:
-                log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace)
-                self.child.kill_group()
-                self.child.wait(timeout=1.0)
+            steps += [("host rules", lambda: self.network.remove_host_rules(deadline))]
+        steps.append(("coredns", lambda: self._stop_coredns(deadline)))
         if teardown:
-            self.network.remove_interface()
+            steps.append(("interface", self.network.remove_interface))
+        steps += [
+            ("config watchers", lambda: self.corefile.stop_watchers(self._left(deadline, 1.0))),
+            ("network watchers", lambda: self.network.stop_watchers(self._left(deadline, 1.0))),
+        ]
+        for name, action in steps:
+            try:
+                action()
+            except Exception as exc:
+                log.error("shutdown step failed", step=name, error=f"{type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc())  # fmt: skip
+        if not teardown:
+            log.info("networking left in place", cause="-skipteardown")
         self.state, self.cause = CoreDnsState.STOPPED, cause
         log.info("agent stopped", seconds=round(time.monotonic() - started, 3))
         return 0
+
+    @staticmethod
+    def _left(deadline: float, at_most: float) -> float:
+        return min(at_most, max(0.0, deadline - time.monotonic()))
+
+    def _stopping(self, cause: str) -> None:
+        self.notifier.stopping()
+        self._set_state(CoreDnsState.STOPPING, cause)
+
+    def _drain(self, deadline: float) -> None:
+        self.sleep(self._left(deadline, self.timing.drain))
+
+    def _stop_coredns(self, deadline: float) -> None:
+        if self.child is None:
+            return
+        self.child.signal(signal.SIGTERM)
+        if self.child.wait(timeout=self._left(deadline, self.timing.stop_grace)) is None:
+            log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace)
+            self.child.kill_group()
+            self.child.wait(timeout=1.0)
+
+
+class ThreadDiedError(RuntimeError):
+    """A background thread the agent depends on is gone."""

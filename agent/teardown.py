@@ -10,7 +10,6 @@ nothing, and a backend holding none of the agent's rules is not written to.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ from agent.interface import Interface, InterfaceError
 from agent.logs import get_logger, setup_logging
 from agent.metrics import Metrics
 from agent.packetfilter import remove_tagged_rules
+from agent.stopflag import Abort
 from agent.xtables import MODES, PacketFilterError, Xtables, XtablesUnavailableError
 
 log = get_logger("teardown")
@@ -29,7 +29,7 @@ def remove_leftover_rules(
     metrics: Metrics,
     *,
     deadline: float | None = None,
-    abort: threading.Event | None = None,
+    abort: Abort | None = None,
     backends: Sequence[Xtables] | None = None,
 ) -> list[str]:
     """Remove every rule carrying the agent's tag, in both backends and both families, e.g. those of a run

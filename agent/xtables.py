@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from agent.rules import Family
+from agent.stopflag import Abort
 
 Mode = Literal["legacy", "nft"]
 MODES: tuple[Mode, ...] = ("legacy", "nft")
@@ -72,7 +72,7 @@ class Runner(Protocol):
         *,
         input: str | None = None,
         deadline: float | None = None,
-        abort: threading.Event | None = None,
+        abort: Abort | None = None,
         env: dict[str, str] | None = None,
     ) -> Result: ...
 
@@ -82,7 +82,7 @@ def run_command(
     *,
     input: str | None = None,
     deadline: float | None = None,
-    abort: threading.Event | None = None,
+    abort: Abort | None = None,
     env: dict[str, str] | None = None,
 ) -> Result:
     """Run ``argv``; kill it when ``deadline`` (monotonic) passes or ``abort`` is set.
@@ -170,7 +170,7 @@ class Xtables:
         text: str,
         *,
         deadline: float | None = None,
-        abort: threading.Event | None = None,
+        abort: Abort | None = None,
     ) -> None:
         """Apply ``text`` with ``iptables-restore --noflush``, waiting a bounded time for the xtables lock."""
         remaining = self.lock_wait if deadline is None else max(0.0, deadline - time.monotonic())

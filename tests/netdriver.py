@@ -117,7 +117,7 @@ class Driver:
     def on_sigterm(self, signum: int, frame: object) -> None:
         self.terminating = True
         if self._pf is not None:
-            self._pf.interrupt()
+            self._pf.stop.request("SIGTERM")
         if not self.busy:
             raise _TerminateError  # out of the blocking read of the next request
 

@@ -243,14 +243,14 @@ def test_after_a_failure_reconcile_backs_off_then_recovers_once_the_lock_is_free
     assert pf.installed
 
 
-def test_interrupt_cuts_a_lock_wait_short_and_latches_but_remove_all_still_runs(tmp_path: Path) -> None:
+def test_the_stop_latch_cuts_a_lock_wait_short_and_latches_but_remove_all_still_runs(tmp_path: Path) -> None:
     fake = FakeIptables(lock_busy=True, lock_wait=30.0)
     pf, _ = make(fake, proc_net=tmp_path, xtables_wait=30.0)
-    timer = threading.Timer(0.1, pf.interrupt)
+    timer = threading.Timer(0.1, pf.stop.request, args=("received SIGTERM",))
     timer.start()
     start = time.monotonic()
     with pytest.raises(PacketFilterInterruptError):
-        pf.install(host_rules=True)  # would wait a minute without the interrupt
+        pf.install(host_rules=True)  # would wait a minute without the latch
     timer.join()
     assert time.monotonic() - start < 5
     with pytest.raises(PacketFilterInterruptError):
@@ -262,6 +262,20 @@ def test_interrupt_cuts_a_lock_wait_short_and_latches_but_remove_all_still_runs(
     assert pf.remove_all() == [
         'removed IPv4 raw OUTPUT -m comment --comment "NodeLocal DNS agent: x" -j CT --notrack'
     ]
+
+
+def test_at_shutdown_the_host_rules_come_off_despite_the_stop_latch(tmp_path: Path) -> None:
+    fake = FakeIptables()
+    pf, _ = make(fake, proc_net=tmp_path)
+    pf.install(host_rules=True)
+    assert any("host queries" in r[3] for r in ours(fake, "legacy"))
+    pf.stop.request("received SIGTERM")
+    with pytest.raises(PacketFilterInterruptError):
+        pf.set_host_rules(False)  # the loop's own operations stop at the latch
+    pf.remove_host_rules(deadline=time.monotonic() + 5)
+    left = [r[3] for r in ours(fake, "legacy")]
+    assert not any("host queries" in r for r in left)
+    assert any("skip conntrack" in r for r in left)  # the rest stays, as -skipteardown wants
 
 
 def test_rules_that_never_read_back_as_written_are_an_error_not_a_loop() -> None:

@@ -17,6 +17,7 @@ from agent.events import ApiConfigMap, ChildExited, ChildOutput, ConfigChanged, 
 from agent.health import ProbeSettings
 from agent.states import CoreDnsState
 from agent.supervisor import Supervisor
+from tests.unit.fakes import sample
 
 
 @dataclass
@@ -26,8 +27,13 @@ class Calls:
 
 @dataclass
 class FakeNetwork:
+    """Records what the supervisor asks; ``fail_install`` makes installs fail (the xtables lock held)."""
+
     calls: Calls
     restore: list[str] = field(default_factory=list)
+    fail_install: bool = False
+    installed: bool = False
+    host: bool = False
 
     def remove_leftovers(self) -> None:
         self.calls.log.append("remove_leftovers")
@@ -40,26 +46,47 @@ class FakeNetwork:
         self.calls.log.append("prepare_rules")
 
     def install_rules(self, host_rules: bool) -> None:
+        if self.installed:
+            self.set_host_rules(host_rules)
+            return
         self.calls.log.append(f"install_rules(host={host_rules})")
+        self.installed, self.host = not self.fail_install, host_rules
 
     def set_host_rules(self, enabled: bool) -> None:
-        self.calls.log.append(f"host_rules({enabled})")
+        if enabled != self.host:
+            self.calls.log.append(f"host_rules({enabled})")
+        self.host = enabled
+
+    def rules_in_place(self) -> bool:
+        return self.installed
+
+    def host_rules_in_place(self) -> bool:
+        return self.installed and self.host
 
     def reconcile(self) -> list[str]:
         changes, self.restore = self.restore, []
+        if not self.installed and not self.fail_install and "install_rules(host=True)" in self.calls.log:
+            self.installed = True
+            changes.append("rules installed on retry")
         return changes
 
     def remove_rules(self, deadline: float) -> None:
         self.calls.log.append("remove_rules")
+        self.installed = self.host = False
+
+    def remove_host_rules(self, deadline: float) -> None:
+        self.calls.log.append("remove_host_rules")
+        self.host = False
 
     def remove_interface(self) -> None:
         self.calls.log.append("remove_interface")
 
-    def interrupt(self) -> None:
-        self.calls.log.append("interrupt")
-
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def stop_watchers(self) -> None: ...
+    def watchers_alive(self) -> bool:
+        return True
+
+    def stop_watchers(self, timeout: float) -> None:
+        self.calls.log.append("stop network watchers")
 
 
 @dataclass
@@ -79,7 +106,10 @@ class FakeCorefile:
         return True
 
     def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def stop_watchers(self) -> None: ...
+    def watchers_alive(self) -> bool:
+        return True
+
+    def stop_watchers(self, timeout: float) -> None: ...
 
 
 class FakeChild:
@@ -153,8 +183,7 @@ class Harness:
         self.sup._timers(self.sup.restart_at)
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
+def build(tmp_path: Path, **kw: object) -> Harness:
     calls = Calls()
     children: list[FakeChild] = []
 
@@ -174,13 +203,21 @@ def h(tmp_path: Path) -> Harness:
         probe_settings=ProbeSettings(settings.local_ips, 53, "probe.test.", None),
         cgroup=FakeCgroup(),
         prober_factory=_NoProber,  # these tests feed ProbeResults by hand
+        **kw,  # type: ignore[arg-type]
     )
-    harness = Harness(sup, calls, corefile, network, children)
-    sup.start()
+    return Harness(sup, calls, corefile, network, children)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    harness = build(tmp_path)
+    harness.sup.start()
     return harness
 
 
 class _NoProber:
+    alive = True
+
     def __init__(self, *args: object) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -295,14 +332,18 @@ def test_sigterm_hands_dns_to_kube_dns_before_coredns_stops_then_removes_the_int
     h.sup.handle(Signal(signal.SIGTERM))
     assert h.sup.stop_requested == "received SIGTERM"
     assert h.sup.shutdown() == 0
+    # Every rule (host rules included) goes before CoreDNS stops; the watchers, bounded, go last.
     tail = h.calls.log[-4:]
-    assert tail == ["host_rules(False)", "remove_rules", f"signal {pid} SIGTERM", "remove_interface"]
+    assert tail == ["remove_rules", f"signal {pid} SIGTERM", "remove_interface", "stop network watchers"]
 
 
-def test_skipteardown_leaves_the_networking(tmp_path: Path, h: Harness) -> None:
+def test_skipteardown_leaves_the_networking_but_not_the_host_rules(tmp_path: Path, h: Harness) -> None:
+    h.probe(ok=True)
     object.__setattr__(h.sup, "settings", Settings(skip_teardown=True, status_file=tmp_path / "s.json"))
     h.sup.shutdown()
     assert "remove_rules" not in h.calls.log and "remove_interface" not in h.calls.log
+    # Host queries must not follow a CoreDNS that is about to stop: their rules go first.
+    assert h.calls.log.index("remove_host_rules") < h.calls.log.index(f"signal {h.child.pid} SIGTERM")
 
 
 def test_a_missing_binary_keeps_the_agent_running_in_backoff(h: Harness) -> None:
@@ -361,3 +402,175 @@ def test_a_restarted_coredns_that_binds_but_stays_silent_is_killed_without_waiti
         )
     assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung")
     assert f"kill {pid}" in h.calls.log
+
+
+# Paths where the no-blackhole promise used to break -------------------------------------------------------
+
+
+class _Notifier:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def ready(self, status: str) -> None:
+        self.sent.append("READY=1")
+
+    def status(self, text: str) -> None: ...
+    def stopping(self) -> None:
+        self.sent.append("STOPPING=1")
+
+    def watchdog(self) -> None: ...
+
+
+def test_an_unexpected_error_in_the_loop_is_logged_once_then_the_same_shutdown_runs_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.rules import RuleSyntaxError
+
+    h = build(tmp_path)
+
+    def broken() -> list[str]:
+        raise RuleSyntaxError("cannot split rule '-m comment --comment \"NodeLocal DNS agent: x'")
+
+    h.network.reconcile = broken  # type: ignore[method-assign]
+    assert h.sup.run() == 1
+    pid = h.child.pid
+    assert h.calls.log[-4:] == [
+        "remove_rules",
+        f"signal {pid} SIGTERM",
+        "remove_interface",
+        "stop network watchers",
+    ]
+    out = capsys.readouterr().out
+    assert out.count("agent failed") == 1
+    assert "RuleSyntaxError" in out and "Traceback" in out
+    assert sample(h.sup.metrics, "nodelocaldns_agent_failures_total") == 1
+
+
+def test_an_error_inside_one_shutdown_step_does_not_skip_the_others(h: Harness) -> None:
+    h.probe(ok=True)
+
+    def broken(deadline: float) -> None:
+        raise OSError(5, "Input/output error")
+
+    h.network.remove_rules = broken  # type: ignore[method-assign]
+    assert h.sup.shutdown() == 0
+    assert h.calls.log[-3:] == [f"signal {h.child.pid} SIGTERM", "remove_interface", "stop network watchers"]
+
+
+def test_a_dead_watcher_thread_stops_the_agent_cleanly_with_a_non_zero_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = build(tmp_path)
+    h.network.watchers_alive = lambda: False  # type: ignore[method-assign]
+    assert h.sup.run() == 1
+    assert "remove_rules" in h.calls.log
+    assert "a network watcher thread died" in capsys.readouterr().out
+
+
+def test_a_dead_prober_is_started_again_for_the_same_child(h: Harness) -> None:
+    started: list[int] = []
+
+    class Prober:
+        alive = True
+
+        def __init__(self, settings: object, pid: int, post: object) -> None:
+            started.append(pid)
+
+        def start(self) -> None: ...
+        def stop(self) -> None: ...
+
+    h.sup.prober_factory = Prober  # type: ignore[assignment]
+    h.exit(1)
+    h.advance_to_restart()
+    assert h.sup.prober is not None
+    h.sup.prober.alive = False  # type: ignore[misc]
+    h.sup._timers(h.sup._next_heartbeat)
+    assert started == [h.child.pid, h.child.pid]
+    assert sample(h.sup.metrics, "nodelocaldns_agent_thread_restarts_total", thread="prober") == 1
+
+
+def test_a_crash_during_a_reload_keeps_the_new_corefile_and_counts_no_failed_reload(h: Harness) -> None:
+    h.probe(ok=True)
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("template"))
+    assert h.sup.reload is not None
+    h.exit(-9)  # CoreDNS dies before it confirms
+    h.advance_to_restart()  # the new CoreDNS reads v2 from the file
+    h.probe(ok=True)
+    h.sup._timers(h.sup.clock() + 60)  # long past the old reload's deadline
+    assert h.corefile.written == ["corefile v1", "corefile v2"]
+    assert sample(h.sup.metrics, "nodelocaldns_agent_reloads_total", result="failed") == 0
+
+
+def test_a_reload_confirmation_from_an_earlier_child_does_not_count(h: Harness) -> None:
+    h.probe(ok=True)
+    old = h.child.pid
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("template"))
+    h.exit(1)
+    h.advance_to_restart()
+    h.sup.handle(ChildOutput(old, "[INFO] Reloading complete"))
+    assert sample(h.sup.metrics, "nodelocaldns_agent_reloads_total", result="ok") == 0
+
+
+def test_a_change_while_coredns_starts_is_reloaded_once_it_answers_not_before(h: Harness) -> None:
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("kube-dns configmap"))
+    assert h.corefile.written[-1] == "corefile v2"
+    assert not any("SIGUSR1" in c for c in h.calls.log)  # not to a CoreDNS still binding its sockets
+    h.probe(ok=True)
+    assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
+    assert h.sup.reload is not None and h.sup.reload.pid == h.child.pid
+
+
+def test_a_failed_first_install_is_not_reported_as_serving_until_the_rules_are_in(tmp_path: Path) -> None:
+    notifier = _Notifier()
+    h = build(tmp_path, notifier=notifier)
+    h.network.fail_install = True  # the xtables lock is held at the first install
+    h.sup.start()
+    h.probe(ok=True)
+    assert h.sup.state is CoreDnsState.RUNNING
+    assert not h.sup.serving and notifier.sent == []
+    assert sample(h.sup.metrics, "nodelocaldns_agent_serving") == 0
+    from agent.status import read_status
+
+    assert read_status(h.sup.settings.status_file).serving is False
+    h.network.fail_install = False  # the lock is free again: the reconcile retries and succeeds
+    h.sup._timers(h.sup._next_reconcile)
+    assert h.sup.serving and notifier.sent == ["READY=1"]
+    assert read_status(h.sup.settings.status_file).serving is True
+    assert sample(h.sup.metrics, "nodelocaldns_agent_serving") == 1
+
+
+def test_an_unwritable_corefile_keeps_the_last_good_one_and_the_agent_running(h: Harness) -> None:
+    h.probe(ok=True)
+
+    def unwritable(text: str) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    h.corefile.write = unwritable  # type: ignore[method-assign]
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("template"))
+    assert h.sup.corefile_text == "corefile v1"
+    assert h.sup.state is CoreDnsState.RUNNING
+    assert not any("SIGUSR1" in c for c in h.calls.log)
+    assert sample(h.sup.metrics, "nodelocaldns_agent_corefile_renders_total", result="unwritable") == 1
+
+
+def test_signal_handlers_only_record_and_the_loop_acts(h: Harness) -> None:
+    import os
+
+    h.probe(ok=True)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGQUIT)}
+    try:
+        h.sup.install_signal_handlers()
+        before = list(h.calls.log)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGQUIT)
+        assert h.calls.log == before  # nothing acted inside the handlers
+        assert h.sup.stop_requested == "received SIGQUIT"
+        h.sup.step(0)  # the loop takes SIGUSR1: a reload even though nothing changed
+        assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
