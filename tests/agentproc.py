@@ -50,9 +50,13 @@ class AgentProcess:
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cgroup: Path | None = None,
+        fault: str | None = None,
     ) -> None:
         self.box = box
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        if fault is not None:  # see tests/faultinject/sitecustomize.py
+            self.env["PYTHONPATH"] += f"{os.pathsep}{REPO / 'tests' / 'faultinject'}"
+            self.env["AGENT_FAULT"] = fault
         self.cgroup = cgroup
         self.dir = box.workdir / name
         self.dir.mkdir(exist_ok=True)

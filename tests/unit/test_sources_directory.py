@@ -118,3 +118,42 @@ def test_stop_ends_the_watchers_threads(tmp_path: Path) -> None:
 def test_a_missing_directory_cannot_be_watched(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="missing: not a directory, cannot watch it"):
         DirectoryWatcher(tmp_path / "missing", Calls()).start()
+
+
+def test_only_the_files_the_agent_reads_count_not_a_log_file_beside_them(tmp_path: Path) -> None:
+    template = tmp_path / "Corefile.base"
+    template.write_text(". { whoami }\n")
+    calls = Calls()
+    watcher = DirectoryWatcher(tmp_path, calls, debounce=0.05, names=frozenset({template.name}))
+    watcher.start()
+    try:
+        log = tmp_path / "agent.log"
+        for i in range(10):  # a log written beside the template every few ms
+            with log.open("a") as f:
+                f.write(f"line {i}\n")
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert calls.count == 0
+        swap = tmp_path / ".Corefile.base.swp"  # an editor's save: a temp file renamed over the template
+        swap.write_text(". { whoami }\n# edited\n")
+        swap.rename(template)
+        assert calls.wait_for(1)
+        publish(tmp_path / "cm", {"Corefile.base": "x"})  # unrelated subdirectory events: non-recursive
+        time.sleep(0.2)
+        assert calls.count == 1
+    finally:
+        watcher.stop()
+    assert not watcher.alive
+
+
+def test_a_kubelet_swap_counts_when_only_named_keys_are_watched(tmp_path: Path) -> None:
+    publish(tmp_path, {"stubDomains": "{}"})
+    calls = Calls()
+    watcher = DirectoryWatcher(tmp_path, calls, debounce=0.05, names=frozenset({"stubDomains"}))
+    watcher.start()
+    try:
+        assert watcher.alive
+        publish(tmp_path, {"stubDomains": '{"acme.local": ["10.0.0.1"]}'})  # only ..data moves
+        assert calls.wait_for(1)
+    finally:
+        watcher.stop()
