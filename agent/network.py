@@ -8,7 +8,7 @@ the kube-dns path meanwhile. What is installed is the packet filter's to know; t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent.config import Settings
 from agent.events import Event, NetworkChanged
@@ -20,29 +20,38 @@ from agent.netwatch import Watchers, watchers_for
 from agent.packetfilter import PacketFilter
 from agent.stopflag import StopFlag
 from agent.teardown import remove_leftover_rules
-from agent.xtables import PacketFilterError, PacketFilterInterruptError
+from agent.xtables import PacketFilterError, PacketFilterInterruptError, Xtables
 
 log = get_logger("network")
 
 
 class NodeNetwork:
-    def __init__(self, settings: Settings, metrics: Metrics, stop: StopFlag | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        stop: StopFlag | None = None,
+        *,
+        interface: Interface | None = None,
+        packet_filter: PacketFilter | None = None,
+        leftover_backends: Sequence[Xtables] | None = None,
+    ) -> None:
+        """The parts are built from ``settings`` unless given (tests give them fakes of the OS beneath)."""
         self.settings = settings
         self.metrics = metrics
-        self.interface = (
-            Interface(settings.interface_name, settings.local_ips, metrics)
-            if settings.setup_interface
-            else None
-        )
-        self.packet_filter = (
-            PacketFilter(settings, metrics, stop=stop or StopFlag()) if settings.setup_iptables else None
-        )
+        if interface is None and settings.setup_interface:
+            interface = Interface(settings.interface_name, settings.local_ips, metrics)
+        self.interface = interface
+        if packet_filter is None and settings.setup_iptables:
+            packet_filter = PacketFilter(settings, metrics, stop=stop or StopFlag())
+        self.packet_filter = packet_filter
+        self.leftover_backends = leftover_backends
         self.reconciler = NetworkReconciler(self.interface, self.packet_filter, metrics)
         self._watchers: Watchers | None = None
 
     def remove_leftovers(self) -> None:
         try:
-            remove_leftover_rules(self.settings, self.metrics)
+            remove_leftover_rules(self.settings, self.metrics, backends=self.leftover_backends)
         except PacketFilterError as exc:
             log.error("leftover rules not removed", error=str(exc), cause="retried by the next install")
 

@@ -228,11 +228,15 @@ class Supervisor:
                 self.step(self._wait_time())
         except Exception as exc:
             failed = True
-            self.stop.request(f"unexpected error: {type(exc).__name__}: {exc}")
-            log.error("agent failed", cause=self.stop.reason, traceback=traceback.format_exc())
-            self.metrics.agent_failures.inc()
+            self.failed_with(exc)
         code = self.shutdown()
         return EXIT_FAILED if failed else code
+
+    def failed_with(self, exc: Exception) -> None:
+        """Called from an ``except`` block: the error, once, with its traceback; the shutdown follows."""
+        self.stop.request(f"unexpected error: {type(exc).__name__}: {exc}")
+        log.error("agent failed", cause=self.stop.reason, traceback=traceback.format_exc())
+        self.metrics.agent_failures.inc()
 
     def start(self) -> None:
         """Leftovers out, interface up, Corefile rendered, CoreDNS launched; rules follow once healthy."""
@@ -657,11 +661,16 @@ class Supervisor:
             ("network watchers", lambda: self.network.stop_watchers(self._left(deadline, 1.0))),
         ]
         for name, action in steps:
-            try:
-                action()
-            except Exception as exc:
-                log.error("shutdown step failed", step=name, error=f"{type(exc).__name__}: {exc}",
-                          traceback=traceback.format_exc())  # fmt: skip
+            # The rules get a second try: rules left pointing at a stopped CoreDNS are the one leftover
+            # that costs DNS (pods are safe behind the kernel gate; the node's own queries are not).
+            for attempt in (1, 2) if name in ("rules", "host rules") else (1,):
+                try:
+                    action()
+                    break
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.error("shutdown step failed", step=name, attempt=attempt, error=error,
+                              traceback=traceback.format_exc())  # fmt: skip
         if not teardown:
             log.info("networking left in place", cause="-skipteardown")
         self.state, self.cause = CoreDnsState.STOPPED, cause
