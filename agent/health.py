@@ -15,10 +15,6 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import dns.message
-import dns.rcode
-import dns.rdatatype
-
 from agent.config import IPAddress
 from agent.events import Event, ProbeResult
 from agent.logs import get_logger
@@ -53,9 +49,25 @@ class Outcome:
     silent: bool = False
 
 
+# RFC 1035 4.1: header (id, flags with RD set, one question), then the question: QNAME, QTYPE A, QCLASS IN.
+_QUERY_HEADER = bytes.fromhex("0000 0100 0001 0000 0000 0000")
+_A_IN = bytes.fromhex("0001 0001")
+# Reply codes by number (RFC 1035 and 6895), for the failure detail.
+_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+
+
 def probe_query(name: str) -> bytes:
-    """The probe's wire-format query, built once; :func:`probe_dns` gives each send a fresh id."""
-    return dns.message.make_query(name, dns.rdatatype.A).to_wire()
+    """The probe's wire-format query, built once; :func:`probe_dns` gives each send a fresh id. Built by
+    hand: the probe needs one fixed question and one header field of the answer, not a DNS library resident
+    in the agent for its whole life (dnspython costs about 5 MiB)."""
+    try:
+        labels = [label.encode("idna") for label in name.rstrip(".").split(".") if label]
+    except UnicodeError:
+        labels = []
+    if not labels or any(not 0 < len(label) < 64 for label in labels):
+        raise ValueError(f"probe name {name!r} is not a domain name")
+    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return _QUERY_HEADER + qname + _A_IN
 
 
 def probe_dns(
@@ -86,9 +98,10 @@ def probe_dns(
         detail = f"query to {address}:{port} failed: {exc.strerror or exc}"
         return Outcome(False, detail, time.monotonic() - started)
     latency = time.monotonic() - started
-    rcode, answers = dns.rcode.Rcode(reply[3] & 0x0F), int.from_bytes(reply[6:8], "big")
-    if rcode != dns.rcode.NOERROR or not answers:
-        return Outcome(False, f"{address}:{port} answered {dns.rcode.to_text(rcode)} for {name}", latency)
+    rcode, answers = reply[3] & 0x0F, int.from_bytes(reply[6:8], "big")
+    if rcode != 0 or not answers:
+        text = _RCODES[rcode] if rcode < len(_RCODES) else f"RCODE{rcode}"
+        return Outcome(False, f"{address}:{port} answered {text} for {name}", latency)
     return Outcome(True, "ok", latency)
 
 

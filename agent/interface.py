@@ -9,7 +9,6 @@ IPv6 addresses are added with ``IFA_F_NODAD`` so CoreDNS can bind them at once.
 from __future__ import annotations
 
 import errno
-import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -56,66 +55,10 @@ class Netlink(Protocol):
     def close(self) -> None: ...
 
 
-class Pyroute2Netlink:
-    """:class:`Netlink` over pyroute2's synchronous IPRoute (opened on first use)."""
+def _rtnetlink() -> Netlink:
+    from agent.rtnetlink import RtNetlink  # it imports this module's Link and Address
 
-    def __init__(self) -> None:
-        self._ipr: Any = None
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        try:
-            return getattr(self._ipr, method)(*args, **kwargs)
-        except NetlinkError as exc:
-            raise OSError(exc.code, str(exc)) from None
-
-    def find_link(self, name: str) -> Link | None:
-        indexes = self._call("link_lookup", ifname=name)
-        if not indexes:
-            return None
-        index = indexes[0]
-        try:
-            (msg,) = self._call("link", "get", index=index)
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
-            raise
-        info = msg.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        ports = len(self._call("link", "dump", master=index)) if kind == "bridge" else 0
-        return Link(index=index, kind=kind, up=bool(msg["flags"] & 1), ports=ports)
-
-    def add_link(self, name: str, kind: str) -> None:
-        self._call("link", "add", ifname=name, kind=kind)
-
-    def set_up(self, index: int) -> None:
-        self._call("link", "set", index=index, state="up")
-
-    def addresses(self, index: int) -> list[Address]:
-        return [
-            Address(ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")), msg["prefixlen"])
-            for msg in self._call("get_addr", index=index)
-        ]
-
-    def add_address(self, index: int, address: Address, flags: int) -> None:
-        self._call(
-            "addr", "add", index=index, address=str(address.ip), prefixlen=address.prefixlen, flags=flags
-        )
-
-    def delete_address(self, index: int, address: Address) -> None:
-        self._call("addr", "del", index=index, address=str(address.ip), prefixlen=address.prefixlen)
-
-    def delete_link(self, index: int) -> None:
-        self._call("link", "del", index=index)
-
-    def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+    return RtNetlink()
 
 
 def _explain(exc: OSError, action: str) -> InterfaceError:
@@ -140,7 +83,7 @@ class Interface:
     name: str
     addresses: Sequence[IPAddress]
     metrics: Metrics | None = None
-    netlink: Netlink = field(default_factory=Pyroute2Netlink)
+    netlink: Netlink = field(default_factory=_rtnetlink)
 
     # Once the kernel refused a dummy link, later creations go straight to the bridge (warned once).
     _dummy_unsupported: bool = field(default=False, init=False)

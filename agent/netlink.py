@@ -15,8 +15,8 @@ NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-_NLATTR = struct.Struct("=HH")  # length, type
+NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+NLATTR = struct.Struct("=HH")  # length, type
 _NLA_TYPE_MASK = 0x3FFF  # without the NESTED and NET_BYTEORDER flags
 
 
@@ -27,22 +27,22 @@ def align(n: int) -> int:
 def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(type, payload) of each message in one datagram; a truncated tail is ignored."""
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
+    while offset + NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > len(data):
             return
-        yield mtype, data[offset + _NLMSGHDR.size : offset + length]
+        yield mtype, data[offset + NLMSGHDR.size : offset + length]
         offset += align(length)
 
 
 def attributes(payload: bytes, start: int) -> Iterator[tuple[int, bytes]]:
     """(type, value) of each attribute after a fixed header of ``start`` bytes."""
     offset = start
-    while offset + _NLATTR.size <= len(payload):
-        length, atype = _NLATTR.unpack_from(payload, offset)
-        if length < _NLATTR.size or offset + length > len(payload):
+    while offset + NLATTR.size <= len(payload):
+        length, atype = NLATTR.unpack_from(payload, offset)
+        if length < NLATTR.size or offset + length > len(payload):
             return
-        yield atype & _NLA_TYPE_MASK, payload[offset + _NLATTR.size : offset + length]
+        yield atype & _NLA_TYPE_MASK, payload[offset + NLATTR.size : offset + length]
         offset += align(length)
 
 
@@ -54,7 +54,7 @@ def attribute_string(payload: bytes, start: int, wanted: int) -> str | None:
 
 
 def request(mtype: int, payload: bytes, seq: int) -> bytes:
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), mtype, NLM_F_REQUEST, seq, 0) + payload
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), mtype, NLM_F_REQUEST, seq, 0) + payload
 
 
 def subscribe(protocol: int, groups: tuple[int, ...]) -> socket.socket:
