@@ -387,32 +387,30 @@ class Supervisor:
         self.metrics.coredns_state.labels(str(self.state)).set(0)
         self.metrics.coredns_state.labels(str(state)).set(1)
         before, self.state, self.cause = self.state, state, cause
-        self._update_serving(cause, announce=False)
+        self._update_serving()
         log.info(
             "coredns state", **{"from": str(before), "to": str(state)}, cause=cause, serving=self.serving
         )
-        self._write_status()
-        self._announce()
+        self._publish()
 
-    def _update_serving(self, cause: str, *, announce: bool = True) -> None:
+    def _update_serving(self) -> bool:
         """``serving`` follows what is true: CoreDNS healthy *and* the packet filter's rules verified in
-        place. READY=1 goes out the first time both hold, never before."""
+        place. True when it changed."""
         serving = self.state is CoreDnsState.RUNNING and self.network.rules_in_place()
         if serving == self.serving:
-            return
+            return False
         self.serving = serving
         self.metrics.serving.set(1 if serving else 0)
-        if announce:  # a state change logs it with the state
-            log.info("serving" if serving else "not serving", cause=cause)
-            self._write_status()
-            self._announce()
-        if serving and not self.ever_ready:
-            self.ever_ready = True
-            self.notifier.ready("serving DNS")
+        return True
 
-    def _announce(self) -> None:
+    def _publish(self) -> None:
+        """The status file, then systemd: READY=1 the first time DNS is served, never before the file."""
+        self._write_status()
         where = "serving DNS" if self.serving else "DNS on the kube-dns fallback path"
         self.notifier.status(f"{where}; coredns {self.state}: {self.cause}")
+        if self.serving and not self.ever_ready:
+            self.ever_ready = True
+            self.notifier.ready("serving DNS")
 
     def _launch(self, cause: str) -> None:
         self.restart_at = None
@@ -582,7 +580,9 @@ class Supervisor:
         changes = self.network.reconcile()
         if changes:  # the packet filter and the interface count what they restored
             log.warning("network restored", cause=cause, changes=changes)
-        self._update_serving(f"rules checked: {cause}")
+        if self._update_serving():  # a state change logs it with the state; this is the rules' own change
+            log.info("serving" if self.serving else "not serving", cause=f"rules checked ({cause})")
+            self._publish()
 
     # Status -----------------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
