@@ -55,10 +55,11 @@ unit-check: setup
 
 ship-check: image-lint manifest-check wheel-smoke
 
-# Needs a Docker engine with BuildKit; IMAGE names the result.
+# The image: with a Docker engine (BuildKit) where one answers, else with podman as `make setup` configures it
+# (ENGINE=docker|podman to choose). IMAGE names the result.
 IMAGE ?= node-local-dns-agent:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
 image:
-	docker build -f image/Dockerfile --build-arg COREDNS_VERSION=$$(sed 's/^v//' image/coredns.version) -t $(IMAGE) .
+	IMAGE=$(IMAGE) ENGINE=$(ENGINE) bash scripts/build-image.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
