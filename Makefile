@@ -35,7 +35,8 @@ bench-quick: setup
 	$(PY) -m bench.run --quick --out build/bench-quick --command "make bench-quick"
 
 # Shipping: the wheel the image installs, the Dockerfile, the DaemonSet manifest and the systemd unit.
-# `make ship-check` runs every check CI needs; none needs a Docker engine (there is none on these machines).
+# `make ship-check` runs the checks around the image that need no container engine (the image itself is built
+# by `make setup` / `make image` and run by the integration tests).
 wheel: setup
 	rm -rf dist
 	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
