@@ -37,6 +37,12 @@ hash="$(
     for base in "coredns/coredns:${COREDNS_VERSION}" python:3.11-slim-bookworm; do echo "$base $(id_of "$base")"; done
   } | sha256sum | cut -c1-16
 )"
+if [ "$ENGINE" = podman ]; then
+  # One build at a time (two `make` runs may want it together); the second then finds the image current.
+  mkdir -p "$NLD_PODMAN_RUN"
+  exec 9>"$NLD_PODMAN_RUN/build.lock"
+  flock 9
+fi
 old="$(id_of "$IMAGE")"
 if [ -n "$old" ] && [ "$(label_of "$IMAGE")" = "$hash" ]; then
   log "$IMAGE is up to date ($ENGINE, context $hash)"
