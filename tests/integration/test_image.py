@@ -238,20 +238,31 @@ def test_the_memory_limit_reaches_coredns_as_gomemlimit(box: sb.Sandbox) -> None
         assert b"GOMEMLIMIT=200MiB" in environ, [e for e in environ if e.startswith(b"GO")]
 
 
-def test_a_kube_dns_configmap_update_reaches_the_containers_coredns(
-    box: sb.Sandbox, pod: AgentContainer
-) -> None:
-    assert box.dig(box.pod(0), KUBE_DNS_IP, STUB_NAME, check=False) != STUB_ANSWER
+def served_locally_within(box: sb.Sandbox, name: str, answer: str, seconds: float) -> None:
+    """A pod's query for ``name`` gets ``answer`` within ``seconds``, from the local cache (no conntrack)."""
     changed = time.monotonic()
-    publish(pod.kubedns_dir, {"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
-    resolved = poll(lambda: box.dig(box.pod(0), KUBE_DNS_IP, STUB_NAME, check=False) == STUB_ANSWER, 10)
-    assert resolved, pod.tail()
-    assert time.monotonic() - changed < 5
+    assert poll(lambda: box.dig(box.pod(0), KUBE_DNS_IP, name, check=False) == answer, seconds * 2)
+    assert time.monotonic() - changed < seconds
     box.flush_conntrack()
-    assert box.dig(box.pod(0), KUBE_DNS_IP, STUB_NAME) == STUB_ANSWER
-    assert "dport=53" not in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)  # the local cache
+    assert box.dig(box.pod(0), KUBE_DNS_IP, name) == answer
+    assert "dport=53" not in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+
+
+def test_configmap_updates_reach_the_containers_coredns(box: sb.Sandbox, pod: AgentContainer) -> None:
+    # The kube-dns ConfigMap: a stub domain.
+    assert box.dig(box.pod(0), KUBE_DNS_IP, STUB_NAME, check=False) != STUB_ANSWER
+    publish(pod.kubedns_dir, {"stubDomains": json.dumps({STUB_DOMAIN: [box.stub_ip]})})
+    served_locally_within(box, STUB_NAME, STUB_ANSWER, 5)
+    # The node-local-dns ConfigMap (Corefile.base): a name of the cluster zone answered by the cache itself.
+    name, address = "fresh.default.svc.cluster.local", "10.96.77.77"
+    assert box.dig(box.pod(0), KUBE_DNS_IP, name, check=False) == ""
+    block = "cluster.local:53 {\n    errors\n"
+    assert block in pod.spec.corefile
+    hosts = f"    hosts {{\n        {address} {name}\n        fallthrough\n    }}\n"
+    publish(pod.corefile_dir, {"Corefile.base": pod.spec.corefile.replace(block, block + hosts)})
+    served_locally_within(box, name, address, 5)
     metrics = http_status(box, "http://127.0.0.1:9353/metrics")
-    assert 'nodelocaldns_agent_reloads_total{result="ok"} 1.0' in metrics
+    assert 'nodelocaldns_agent_reloads_total{result="ok"} 2.0' in metrics, pod.tail()
 
 
 ZOMBIES = (
