@@ -50,6 +50,7 @@ if [ -n "$old" ] && [ "$(label_of "$IMAGE")" = "$hash" ]; then
 fi
 
 log "building $IMAGE with $ENGINE (context $hash)"
+if [ "$ENGINE" = podman ]; then nld_podman_leave_no_trace; fi
 started=$SECONDS
 if [ "$ENGINE" = podman ]; then
   # Host network: no bridge or NAT rules on the machine. Base images come only from local storage. No layer

@@ -81,6 +81,8 @@ log "podman $(podman version --format '{{.Client.Version}}') configured in $NLD_
 # 3. Stand-ins for the Dockerfile's base images when no image of that name is stored. Each carries a label
 #    with its recipe key, so a changed recipe (or new host CAs) replaces it; its root filesystem is cached.
 mkdir -p "$STANDIN_CACHE"
+work="$(mktemp -d)"
+nld_podman_leave_no_trace 'rm -rf "$work"'
 standin_current() {  # standin_current IMAGE KEY: the stored IMAGE was made from this recipe
   [ "$(podman image inspect --format "{{ index .Labels \"$LABEL\" }}" "$1" 2>/dev/null)" = "$2" ]
 }
@@ -140,8 +142,6 @@ key="$(sha256sum "$coredns_bin" | cut -c1-16)"
 if standin_current "$COREDNS_IMAGE" "$key"; then
   log "stand-in $COREDNS_IMAGE present"
 else
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
   strip -o "$work/coredns" "$coredns_bin"
   tar -C "$work" --owner=0 --group=0 -cf "$work/rootfs.tar" coredns
   podman import --quiet --change 'ENTRYPOINT ["/coredns"]' \
