@@ -44,8 +44,8 @@ SERVICE_ENV = {
 }
 
 
-def podman(*args: str, check: bool = True, timeout: float = 60) -> str:
-    return sb.run([PODMAN, *args], check=check, timeout=timeout)
+def podman(*args: str, check: bool = True, timeout: float = 60, cwd: Path | None = None) -> str:
+    return sb.run([PODMAN, *args], check=check, timeout=timeout, cwd=cwd)
 
 
 def podman_unavailable() -> str | None:
@@ -178,7 +178,9 @@ class AgentContainer:
 
     # Lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> AgentContainer:
-        podman(*self.run_argv())
+        # conmon, which podman leaves in charge of the container, writes a file named "oom" into its working
+        # directory when the container's cgroup sees an OOM kill: the sandbox's work directory, then.
+        podman(*self.run_argv(), cwd=self.box.workdir)
         return self
 
     def __enter__(self) -> AgentContainer:
