@@ -35,7 +35,8 @@ bench-quick: setup
 	$(PY) -m bench.run --quick --out build/bench-quick --command "make bench-quick"
 
 # Shipping: the wheel the image installs, the Dockerfile, the DaemonSet manifest and the systemd unit.
-# `make ship-check` runs every check CI needs; none needs a Docker engine (there is none on these machines).
+# `make ship-check` runs the checks around the image that need no container engine (the image itself is built
+# by `make setup` / `make image` and run by the integration tests).
 wheel: setup
 	rm -rf dist
 	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
@@ -55,10 +56,11 @@ unit-check: setup
 
 ship-check: image-lint manifest-check wheel-smoke
 
-# Needs a Docker engine with BuildKit; IMAGE names the result.
+# The image: with a Docker engine (BuildKit) where one answers, else with podman as `make setup` configures it
+# (ENGINE=docker|podman to choose). IMAGE names the result.
 IMAGE ?= node-local-dns-agent:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
 image:
-	docker build -f image/Dockerfile --build-arg COREDNS_VERSION=$$(sed 's/^v//' image/coredns.version) -t $(IMAGE) .
+	IMAGE=$(IMAGE) ENGINE=$(ENGINE) bash scripts/build-image.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,22 +15,12 @@ log() { printf '[setup] %s\n' "$*"; }
 #    util-linux: setpriv runs commands with only the capabilities the unit and the DaemonSet grant;
 #    time: GNU time measures the peak memory of `agent --check` in the benchmarks).
 packages=(iptables nftables iproute2 conntrack dnsutils dnsperf procps psmisc libc-bin systemd util-linux time)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-  log "Debian packages present"
-fi
+bash scripts/debian-packages.sh setup "${packages[@]}"
 
-# 2. CoreDNS from the upstream Go module at the pinned release, cached.
+# 2. CoreDNS from the upstream Go module at the pinned release, cached. (grep without -q reads all of
+#    `coredns -version`: with -q, CoreDNS could die of SIGPIPE and pipefail would call the check failed.)
 want="CoreDNS-${COREDNS_VERSION#v}"
-if [ -x "$COREDNS_BIN" ] && "$COREDNS_BIN" -version 2>/dev/null | grep -qx "$want"; then
+if [ -x "$COREDNS_BIN" ] && "$COREDNS_BIN" -version 2>/dev/null | grep -x "$want" >/dev/null; then
   log "coredns ${COREDNS_VERSION} present at ${COREDNS_BIN}"
 else
   if [ ! -x "$COREDNS_CACHE/coredns" ]; then
@@ -40,7 +30,7 @@ else
     GOBIN="$COREDNS_CACHE" CGO_ENABLED=0 go install "github.com/coredns/coredns@${COREDNS_VERSION}"
   fi
   install -m 0755 "$COREDNS_CACHE/coredns" "$COREDNS_BIN"
-  "$COREDNS_BIN" -version | grep -qx "$want" || { echo "setup: $COREDNS_BIN is not $want" >&2; exit 1; }
+  "$COREDNS_BIN" -version | grep -x "$want" >/dev/null || { echo "setup: $COREDNS_BIN is not $want" >&2; exit 1; }
   log "installed $($COREDNS_BIN -version | head -1) at ${COREDNS_BIN}"
 fi
 
@@ -59,4 +49,6 @@ if [ ! -f "$stamp" ]; then
 else
   log "virtual environment up to date"
 fi
+# 4. Podman, the base images' stand-ins and the container image.
+bash scripts/setup-image.sh
 log "done"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,39 @@ def local_answers(box: sb.Sandbox) -> bool:
     """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
     answer, tracked = query_path(box)
     return answer == SERVICE_IP and not tracked
+
+
+def http_status(box: sb.Sandbox, url: str) -> str:
+    """GET ``url`` from the node namespace (as the kubelet's httpGet probes do): "200 OK", or "error …"."""
+    code = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        "    r = urllib.request.urlopen(sys.argv[1], timeout=1)\n"
+        "    print(r.status, r.read().decode())\n"
+        "except OSError as e:\n"
+        "    print('error', e)\n"
+    )
+    return box.exec(box.node, [sys.executable, "-c", code, url]).strip()
+
+
+class Load:
+    """A background ``dnsload`` run from a pod; ``result()`` waits for it and returns its summary."""
+
+    def __init__(self, box: sb.Sandbox, *, rate: float = 400, duration: float = 6.0, names: str = SERVICE,
+                 server: str = sb.KUBE_DNS_IP) -> None:  # fmt: skip
+        self._out: dict[str, object] = {}
+        argv = [sys.executable, "-m", "tests.dnsload", "--server", server, "--rate", str(rate),
+                "--duration", str(duration), "--names", names]  # fmt: skip
+
+        def run() -> None:
+            self._out = json.loads(box.exec(box.pod(0), argv, timeout=duration + 15))
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def result(self) -> dict[str, object]:
+        self._thread.join(timeout=60)
+        return self._out
 
 
 class AgentProcess:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the node sandbox per iptables flavour, root gating, and the session's leak check.
+"""Shared fixtures: the node sandbox per iptables flavour, root gating, and the session's leak check
+(namespaces, work directories, CoreDNS processes and podman containers of the session's sandbox runs).
 
 In CI (``CI=true``) a skipped integration test fails the session: the integration tests are the proof. The
 one exception is ``optional_baseline``: tests of the real node-cache, whose binary this project cannot build.
@@ -44,9 +45,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaks = sb.leftovers(sb.CREATED_RUNS)
+    from tests import agentcontainer  # podman's view, only asked when a sandbox ran
+
+    leaks = agentcontainer.leftovers(sb.CREATED_RUNS) + sb.leftovers(sb.CREATED_RUNS)
     if leaks:
         session.config.stash[_leaks_key] = leaks
+        agentcontainer.remove_leftovers_of(sb.CREATED_RUNS)
         sb.remove_leftovers_of(sb.CREATED_RUNS)
         session.exitstatus = 1
     if IN_CI and _skipped_integration:

@@ -99,10 +99,17 @@ class SandboxError(RuntimeError):
     """A sandbox command failed; the message carries the command and its output."""
 
 
-def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 30,
+    input: str | None = None,
+    cwd: Path | None = None,
+) -> str:
     """Run a command, return its stdout; raise SandboxError with its stderr when it fails and check is set."""
     proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
+        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False, cwd=cwd
     )
     if check and proc.returncode != 0:
         raise SandboxError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from tests import sandbox as sb
+from tests.agentproc import http_status
 from tests.unit.test_manifest import LOCALDNS, run_sed
 from tests.unit.test_systemd_unit import UNIT, load_unit
 from tests.waiting import poll
@@ -119,18 +119,6 @@ def test_without_net_bind_service_coredns_cannot_serve_port_53(netns: str, tmp_p
     with coredns_serving(netns, fewer, tmp_path) as proc:
         assert proc.wait(timeout=10) != 0
     assert "permission denied" in (tmp_path / "coredns.log").read_text()
-
-
-def http_status(box: sb.Sandbox, url: str) -> str:
-    code = (
-        "import sys, urllib.request\n"
-        "try:\n"
-        "    r = urllib.request.urlopen(sys.argv[1], timeout=1)\n"
-        "    print(r.status, r.read().decode())\n"
-        "except OSError as e:\n"
-        "    print('error', e)\n"
-    )
-    return box.exec(box.node, [sys.executable, "-c", code, url]).strip()
 
 
 def test_the_configmap_corefile_serves_and_answers_the_readiness_probe(tmp_path: Path) -> None:

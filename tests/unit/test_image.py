@@ -1,7 +1,6 @@
 """The Dockerfile ships the CoreDNS release the tests run and starts the agent itself as PID 1.
 
-It cannot be built here (no Docker engine); `make image-lint` lints it and `make wheel-smoke` installs the
-wheel the way its last stage does."""
+These read the Dockerfile; tests/integration/test_image.py builds it (with podman) and runs the image."""
 
 from __future__ import annotations
 
