@@ -27,14 +27,19 @@ class Cgroup:
             lines = (proc / str(pid) / "cgroup").read_text().splitlines()
         except OSError:
             return None
+        # In a container without a cgroup namespace (runc on cgroup v1, or v2 without cgroupns), the path
+        # named here is the host's, while the container's own cgroup is mounted at the root itself.
         for line in lines:
             hierarchy, controllers, rel = line.split(":", 2)
             if hierarchy == "0" and controllers == "":  # v2 unified
-                candidate = root / rel.lstrip("/")
-                if (candidate / "memory.events").exists() or (candidate / "memory.max").exists():
-                    return cls(candidate)
+                for candidate in (root / rel.lstrip("/"), root):
+                    if (candidate / "memory.events").exists() or (candidate / "memory.max").exists():
+                        return cls(candidate)
             elif "memory" in controllers.split(","):  # v1
-                return cls(root / "memory" / rel.lstrip("/"))
+                candidate = root / "memory" / rel.lstrip("/")
+                if not candidate.is_dir() and (root / "memory" / "memory.limit_in_bytes").exists():
+                    candidate = root / "memory"
+                return cls(candidate)
         return None
 
     def memory_limit(self) -> int | None:

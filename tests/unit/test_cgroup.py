@@ -79,3 +79,27 @@ def test_gomemlimit_leaves_a_fifth_of_the_limit_to_the_agent() -> None:
     assert gomemlimit_for(None) is None
     assert gomemlimit_for(200 << 20) == "160MiB"
     assert gomemlimit_for(170 << 20) == "136MiB"
+
+
+def test_v1_in_a_container_without_a_cgroup_namespace_reads_its_own_cgroup_mounted_at_the_root(
+    tmp_path: Path,
+) -> None:
+    # runc without a cgroup namespace: /proc/self/cgroup names the host's path, but the container sees its
+    # own memory cgroup mounted at /sys/fs/cgroup/memory itself.
+    membership = "4:memory:/libpod_parent/libpod-0123abcd\n0::/\n"
+    files = {"memory/memory.limit_in_bytes": "67108864\n", "memory/memory.oom_control": V1_OOM_CONTROL}
+    proc, root = layout(tmp_path, membership, files)
+    cgroup = Cgroup.of(4242, root=root, proc=proc)
+    assert cgroup == Cgroup(root / "memory")
+    assert cgroup.memory_limit() == 64 << 20
+    assert cgroup.oom_kills() == 1
+
+
+def test_v2_in_a_container_without_a_cgroup_namespace_reads_its_own_cgroup_mounted_at_the_root(
+    tmp_path: Path,
+) -> None:
+    membership = "0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope\n"
+    proc, root = layout(tmp_path, membership, {"memory.max": "67108864\n", "memory.events": V2_EVENTS})
+    cgroup = Cgroup.of(4242, root=root, proc=proc)
+    assert cgroup == Cgroup(root)
+    assert cgroup.memory_limit() == 64 << 20
