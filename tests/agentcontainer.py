@@ -252,10 +252,14 @@ class AgentContainer:
                 out.append(json.loads(line))
         return out
 
-    def processes(self) -> dict[str, tuple[int, int]]:
-        """The container's processes by command name: (pid in the container, pid on the host)."""
-        lines = podman("top", self.name, "pid", "hpid", "comm").splitlines()[1:]
-        return {comm: (int(pid), int(hpid)) for pid, hpid, comm in (line.split(None, 2) for line in lines)}
+    def processes(self) -> dict[str, list[tuple[int, int]]]:
+        """The container's processes by command name: [(pid in the container, pid on the host), …] in pid
+        order (the agent is two: PID 1, which reaps and forwards signals, and the agent it forked)."""
+        found: dict[str, list[tuple[int, int]]] = {}
+        for line in podman("top", self.name, "pid", "hpid", "comm").splitlines()[1:]:
+            pid, hpid, comm = line.split(None, 2)
+            found.setdefault(comm.strip(), []).append((int(pid), int(hpid)))
+        return {comm: sorted(pids) for comm, pids in found.items()}
 
     def cgroup_memory(self, v2: str, v1: str) -> str:
         """A memory controller file of the container's cgroup, as the container sees it (v2 or v1 name)."""

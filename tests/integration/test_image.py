@@ -131,13 +131,15 @@ def test_a_pods_queries_are_answered_by_the_containers_coredns_without_conntrack
         pod.wait_serving()
         assert local_answers(box)
         processes = pod.processes()
-        assert processes["agent"][0] == 1, processes  # the image's entrypoint is the container's PID 1
+        # The image's entrypoint is the container's PID 1, which forks the agent once (agent/pid1.py).
+        assert [pid for pid, _ in processes["agent"]][:1] == [1] and len(processes["agent"]) == 2, processes
+        (coredns,) = processes["coredns"]
         # What holds the ClusterIP's port 53 in the node's namespace is the container's CoreDNS.
         listeners = box.exec(box.node, ["ss", "-Hlunp", "src", f"{KUBE_DNS_IP}:53"])
-        assert f"pid={processes['coredns'][1]}," in listeners, (listeners, processes)
-        # The security context: no capability beyond the manifest's, no privilege escalation, for both.
-        for comm in ("agent", "coredns"):
-            status = proc_status(processes[comm][1])
+        assert f"pid={coredns[1]}," in listeners, (listeners, processes)
+        # The security context: no capability beyond the manifest's, no privilege escalation, for all.
+        for comm, (_, hpid) in [*(("agent", p) for p in processes["agent"]), ("coredns", coredns)]:
+            status = proc_status(hpid)
             assert int(status["CapBnd"], 16) == MANIFEST_CAPABILITIES, (comm, status["CapBnd"])
             assert status["NoNewPrivs"] == "1", comm
         # The kubelet's probes: exec liveness within its timeout, and httpGet readiness on the local address.
@@ -234,7 +236,7 @@ def test_an_oom_kill_at_the_memory_limit_is_reported_and_pods_fail_over(box: sb.
 def test_the_memory_limit_reaches_coredns_as_gomemlimit(box: sb.Sandbox) -> None:
     with AgentContainer(box, extra=["--memory", "250m"]) as pod:
         pod.wait_serving()
-        environ = Path(f"/proc/{pod.processes()['coredns'][1]}/environ").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pod.processes()['coredns'][0][1]}/environ").read_bytes().split(b"\0")
         assert b"GOMEMLIMIT=200MiB" in environ, [e for e in environ if e.startswith(b"GO")]
 
 
