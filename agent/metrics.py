@@ -48,6 +48,11 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.node_cache_rules_removed = Counter(
+            "nodelocaldns_agent_node_cache_rules_removed",
+            "Rules node-cache left behind (its exact rule set for the local addresses), removed at start.",
+            registry=r,
+        )
         self.healthy_since = Gauge(
             "nodelocaldns_agent_coredns_healthy_since_seconds",
             "Seconds since CoreDNS last became healthy; 0 while it is not healthy.",

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,40 @@ def local_answers(box: sb.Sandbox) -> bool:
     """True when a pod's query to the ClusterIP was answered without a conntrack entry (the local cache)."""
     answer, tracked = query_path(box)
     return answer == SERVICE_IP and not tracked
+
+
+class Load:
+    """A background ``dnsload`` run from a pod; ``result()`` waits for it and returns its summary."""
+
+    def __init__(self, box: sb.Sandbox, *, rate: float = 400, duration: float = 6.0, names: str = SERVICE,
+                 server: str = sb.KUBE_DNS_IP) -> None:  # fmt: skip
+        self._out: dict[str, object] = {}
+        argv = [sys.executable, "-m", "tests.dnsload", "--server", server, "--rate", str(rate),
+                "--duration", str(duration), "--names", names]  # fmt: skip
+
+        def run() -> None:
+            self._out = json.loads(box.exec(box.pod(0), argv, timeout=duration + 15))
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def result(self) -> dict[str, object]:
+        self._thread.join(timeout=60)
+        return self._out
+
+
+def kill_coredns_under_load(
+    box: sb.Sandbox, agent: AgentProcess, *, rate: float, duration: float, kill_at: float = 2.0
+) -> tuple[int, dict[str, object]]:
+    """SIGKILL the agent's CoreDNS ``kill_at`` seconds into a pod's load; its pid and the load's summary."""
+    coredns = agent.coredns_pid()
+    assert coredns is not None, agent.tail()
+    load = Load(box, rate=rate, duration=duration)
+    time.sleep(kill_at)
+    os.kill(coredns, signal.SIGKILL)
+    result = load.result()
+    assert result["sent"] == int(rate * duration), result
+    return coredns, result
 
 
 class AgentProcess:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,29 +19,9 @@ import psutil
 import pytest
 
 from tests import sandbox as sb
-from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, local_answers
+from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, Load, kill_coredns_under_load, local_answers
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
 from tests.waiting import poll
-
-
-class Load:
-    """A background ``dnsload`` run from a pod; ``result()`` waits for it and returns its summary."""
-
-    def __init__(self, box: sb.Sandbox, *, rate: float = 400, duration: float = 6.0, names: str = SERVICE,
-                 server: str = KUBE_DNS_IP) -> None:  # fmt: skip
-        self._out: dict[str, object] = {}
-        argv = [sys.executable, "-m", "tests.dnsload", "--server", server, "--rate", str(rate),
-                "--duration", str(duration), "--names", names]  # fmt: skip
-
-        def run() -> None:
-            self._out = json.loads(box.exec(box.pod(0), argv, timeout=duration + 15))
-
-        self._thread = threading.Thread(target=run)
-        self._thread.start()
-
-    def result(self) -> dict[str, object]:
-        self._thread.join(timeout=60)
-        return self._out
 
 
 @pytest.fixture
@@ -77,13 +56,7 @@ def test_pod_queries_are_answered_by_the_local_cache_without_conntrack(
 
 
 def test_sigkill_of_coredns_loses_only_in_flight_queries(box: sb.Sandbox, agent: AgentProcess) -> None:
-    first = agent.coredns_pid()
-    assert first is not None
-    load = Load(box, rate=400, duration=6)
-    time.sleep(2)
-    os.kill(first, signal.SIGKILL)
-    result = load.result()
-    assert result["sent"] == 2400
+    first, result = kill_coredns_under_load(box, agent, rate=400, duration=6)
     assert int(result["failed"]) <= 5, result  # queries CoreDNS had read but not answered
     assert float(result["longest_gap"]) < 0.5, result
     agent.wait_serving()
