@@ -46,13 +46,13 @@ class CoreDnsStartError(RuntimeError):
     """CoreDNS could not be launched at all (missing or non-executable binary)."""
 
 
-def coredns_version(binary: str) -> str:
-    """CoreDNS's version line, or why it is not available (used by ``agent --version``)."""
+def coredns_info(binary: str, flag: str) -> tuple[int, str]:
+    """CoreDNS's answer to ``-version`` or ``-plugins`` (its exit code and output), or why it has none."""
     try:
-        out = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run([binary, flag], capture_output=True, text=True, timeout=10, check=False)
     except OSError as exc:
-        return f"coredns not available at {binary}: {exc.strerror}"
-    return out.stdout.splitlines()[0] if out.stdout else f"coredns at {binary}: no version output"
+        return 1, f"coredns not available at {binary}: {exc.strerror}\n"
+    return out.returncode, out.stdout
 
 
 def describe_returncode(returncode: int) -> str:

@@ -40,6 +40,8 @@ UPSTREAM_SERVERS = "__PILLAR__UPSTREAM__SERVERS__"
 # The agent's own: node-cache's template hard-codes 53 and 8080, which -dns.port and -health-port cannot move.
 DNS_PORT = "__PILLAR__DNS__PORT__"
 HEALTH_PORT = "__PILLAR__HEALTH__PORT__"
+# node-local-dns main's (2026-06): CoreDNS's prometheus listener, -prometheus-listen-address (default :9253).
+PROMETHEUS_ENDPOINT = "__PROMETHEUS__ENDPOINT__"
 
 # The zone CoreDNS answers by itself, for the agent's DNS health probe: asking it proves CoreDNS is serving on
 # the local address without depending on kube-dns or the upstream resolvers being up.
@@ -80,6 +82,7 @@ def render(
     health_port: int,
     kubedns: KubeDnsConfig,
     upstream_servers: Sequence[str] = (),
+    prometheus_endpoint: str = Settings.prometheus_listen_address,
 ) -> str:
     """The Corefile for these inputs.
 
@@ -98,6 +101,7 @@ def render(
         HEALTH_PORT: str(health_port),
         CLUSTER_DNS: str(cluster_dns_ip) if cluster_dns_ip is not None else None,
         UPSTREAM_SERVERS: " ".join(upstreams) or None,
+        PROMETHEUS_ENDPOINT: prometheus_endpoint,
     }
     lines = template.splitlines()
     if kubedns.upstream_nameservers:
@@ -155,7 +159,8 @@ _MISSING = {
     "(set its *_SERVICE_HOST variable through -upstreamsvc, or --cluster-dns-ip)",
     UPSTREAM_SERVERS: "has no value: no upstreamNameservers and no nameserver in resolv.conf",
 }
-_KNOWN = (LOCAL_DNS, DNS_SERVER, DNS_DOMAIN, CLUSTER_DNS, UPSTREAM_SERVERS, DNS_PORT, HEALTH_PORT)
+_KNOWN = (LOCAL_DNS, DNS_SERVER, DNS_DOMAIN, CLUSTER_DNS, UPSTREAM_SERVERS, DNS_PORT, HEALTH_PORT,
+          PROMETHEUS_ENDPOINT)  # fmt: skip
 
 
 def _without_force_tcp_to_upstreams(lines: list[str]) -> list[str]:
@@ -398,15 +403,23 @@ class CorefileBuilder:
             kubedns = read_kubedns_dir(dir_) if dir_ is not None else KubeDnsConfig()
         template = self.read_template()
         needs_upstreams = not kubedns.upstream_nameservers and UPSTREAM_SERVERS in template
+        cluster_dns_ip = self.cluster_dns_ip()
+        if cluster_dns_ip in s.require_local_ips() and CLUSTER_DNS in template:
+            raise CorefileError(
+                f"{self._cluster_dns_source()}: {cluster_dns_ip} is one of -localip, so forwarding the "
+                "cluster domain to it would loop back to this cache; pass -upstreamsvc kube-dns-upstream "
+                "(the Service the manifest creates), or --cluster-dns-ip"
+            )
         text = render(
             template,
             local_ips=s.require_local_ips(),
-            cluster_dns_ip=self.cluster_dns_ip(),
+            cluster_dns_ip=cluster_dns_ip,
             cluster_domain=s.cluster_domain,
             dns_port=s.dns_port,
             health_port=s.health_port,
             kubedns=kubedns,
             upstream_servers=self.resolv_conf_nameservers() if needs_upstreams else (),
+            prometheus_endpoint=s.prometheus_listen_address,
         )
         return Rendered.of(text)
 
@@ -436,6 +449,14 @@ class CorefileBuilder:
             except ValueError:
                 raise CorefileError(f"{variable}: {value!r} is not an IP address") from None
         return self.api_cluster_dns_ip
+
+    def _cluster_dns_source(self) -> str:
+        if self.settings.cluster_dns_ip is not None:
+            return "--cluster-dns-ip"
+        variable = service_host_variable(self.settings.upstream_svc)
+        if self.environ.get(variable, "").strip():
+            return f"-upstreamsvc {self.settings.upstream_svc} ({variable})"
+        return f"-upstreamsvc {self.settings.upstream_svc} (its clusterIP from the API)"
 
     def resolv_conf_nameservers(self) -> tuple[str, ...]:
         """The node's nameservers; systemd-resolved's real ones when resolv.conf names only its local stub."""

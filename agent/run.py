@@ -90,7 +90,9 @@ class CorefileFiles:
 def coredns_launcher(
     settings: Settings, cgroup: Cgroup | None
 ) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
-    argv = [settings.coredns_binary, "-conf", str(settings.corefile)]
+    argv = [settings.coredns_binary, "-conf", str(settings.corefile), "-dns.port", str(settings.dns_port)]
+    if settings.quiet:
+        argv.append("-quiet")
     if settings.pidfile is not None:
         argv += ["-pidfile", str(settings.pidfile)]
     env = dict(os.environ)

@@ -216,9 +216,7 @@ class AgentProcess:
             return "(no log)"
 
     def metrics(self) -> str:
-        url = f"http://{METRICS_ADDRESS}/metrics"
-        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=2).read().decode())"
-        return self.box.exec(self.box.node, [sys.executable, "-c", code])
+        return self.box.http_get(self.box.node, f"http://{METRICS_ADDRESS}/metrics")
 
     def write_kubedns(self, data: dict[str, str]) -> None:
         """Update the kube-dns ConfigMap directory the way the kubelet does (a ``..data`` symlink swap)."""

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -274,6 +275,11 @@ class Sandbox:
                         "--comment", comment]  # fmt: skip
                 self.exec(self.node, [iptables, "-w", "5", "-t", table, "-I", chain, *args])
 
+    def http_get(self, ns: str, url: str, *, timeout: float = 2.0) -> str:
+        """The body of a GET of ``url`` from inside ``ns`` (loopback or sandbox addresses only)."""
+        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout={timeout}).read().decode())"
+        return self.exec(ns, [sys.executable, "-c", code])
+
     def conntrack(self, *args: str) -> str:
         """``conntrack -L`` in the node, with filter arguments such as ``-p udp --orig-dst 10.96.0.10``."""
         return self.exec(self.node, ["conntrack", "-L", *args], check=False)
@@ -455,9 +461,9 @@ class Sandbox:
         raise SandboxError(f"{server} did not answer {name} from {ns} within {timeout}s")
 
     def dig(self, ns: str, server: str, name: str, rtype: str = "A", *, tcp: bool = False,
-            check: bool = True) -> str:  # fmt: skip
+            check: bool = True, port: int = 53) -> str:  # fmt: skip
         """``dig +short`` from ``ns``; one try, one second. No answer (or a failure) gives ""."""
-        argv = ["dig", f"@{server}", name, rtype, "+short", "+time=1", "+tries=1"]
+        argv = ["dig", f"@{server}", "-p", str(port), name, rtype, "+short", "+time=1", "+tries=1"]
         if tcp:
             argv.append("+tcp")
         out = self.exec(ns, argv, check=check)
