@@ -50,6 +50,11 @@ HEALTH_PROBE_NAME = f"{HEALTH_PROBE_ZONE}."
 HEALTH_PROBE_TYPE = "A"
 HEALTH_PROBE_ANSWER = "127.0.0.1"
 
+# Where the agent puts CoreDNS's `ready` when the template has none (the node-local-dns ConfigMap has none:
+# node-cache's CoreDNS build lacks the plugin, so the same ConfigMap must serve both for a rollback by image
+# swap). The manifest's readiness probe asks the first local address on this port.
+READY_PORT = 8181
+READY_ZONE = "ready.node-local-dns"
 # CoreDNS's defaults when `health` / `ready` name no address.
 DEFAULT_HEALTH_ADDRESS = ":8080"
 DEFAULT_READY_ADDRESS = ":8181"
@@ -108,9 +113,15 @@ def render(
         lines = _without_force_tcp_to_upstreams(lines)
     out = [_substitute(line, n, local_ips, values) for n, line in enumerate(lines, 1)]
     body = "\n".join(out).rstrip() + "\n"
-    served = {(zone, port or dns_port) for block in server_blocks(body) for zone, port in block.zones}
+    blocks = server_blocks(body)
+    served = {(zone, port or dns_port) for block in blocks for zone, port in block.zones}
     probe_missing = (HEALTH_PROBE_ZONE, dns_port) not in served
-    _check_stub_domains(kubedns, domain, served | {(HEALTH_PROBE_ZONE, dns_port)}, local_ips, dns_port)
+    has_ready = any(name == "ready" for block in blocks for name, _ in block.directives)
+    ready = None if has_ready else f"{_host(local_ips[0])}:{READY_PORT}"
+    ours = {(HEALTH_PROBE_ZONE, dns_port)} | (
+        {(READY_ZONE, dns_port)} if ready and not probe_missing else set()
+    )
+    _check_stub_domains(kubedns, domain, served | ours, local_ips, dns_port)
     binds = " ".join(map(str, local_ips))
     for stub, servers in kubedns.stub_domains:
         body += (
@@ -118,15 +129,21 @@ def render(
             f"    forward . {' '.join(servers)}\n}}\n"
         )
     if probe_missing:
-        body += probe_server_block(local_ips, dns_port)
+        body += probe_server_block(local_ips, dns_port, ready)
+    elif ready:
+        body += (
+            f"{READY_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n    ready {ready}\n}}\n"
+        )
     return body
 
 
-def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int) -> str:
-    """The zone the health probe asks, added when a template (e.g. an existing node-cache one) lacks it."""
+def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str | None = None) -> str:
+    """The zone the health probe asks, added when a template (e.g. a node-cache ConfigMap) lacks it; it
+    carries CoreDNS's ``ready`` (the readiness probe's ``/ready``) when the template has none."""
     return (
         f"{HEALTH_PROBE_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n"
-        f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
+        + (f"    ready {ready}\n" if ready else "")
+        + f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
         f'        answer "{{{{ .Name }}}} 0 IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ANSWER}"\n    }}\n}}\n'
     )
 

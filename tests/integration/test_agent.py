@@ -47,6 +47,8 @@ def test_pod_queries_are_answered_by_the_local_cache_without_conntrack(
 ) -> None:
     assert local_answers(box)
     assert box.dig(box.pod(0), LOCAL_IP, SERVICE) == SERVICE_IP
+    # The readiness probe's /ready: the template has none (node-cache's CoreDNS lacks it); the agent adds it.
+    assert box.http_get(box.node, f"http://{LOCAL_IP}:8181/ready").strip() == "OK"
     assert box.dig(box.pod(0), KUBE_DNS_IP, "www.example.org") == "192.0.2.81"  # the "." zone upstream
     # The cluster zone is forwarded over TCP to kube-dns-upstream, whose ClusterIP is still DNATed.
     box.flush_conntrack()
