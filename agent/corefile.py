@@ -351,18 +351,26 @@ class ProbeEndpoints:
 
     health_url: str | None
     ready_url: str | None
+    metrics_url: str | None = None
 
 
 def probe_endpoints(text: str) -> ProbeEndpoints:
-    """The ``/health`` and ``/ready`` URLs of the first ``health`` and ``ready`` directives, if any."""
+    """The ``/health``, ``/ready`` and ``/metrics`` URLs of the first ``health``, ``ready`` and ``prometheus``
+    directives, if any."""
     found: dict[str, str] = {}
     for block in server_blocks(text):
         for name, args in block.directives:
-            if name in ("health", "ready") and name not in found:
-                default = DEFAULT_HEALTH_ADDRESS if name == "health" else DEFAULT_READY_ADDRESS
-                address = args[0] if args and args[0] != "{" else default
-                found[name] = _url(address, name)
-    return ProbeEndpoints(health_url=found.get("health"), ready_url=found.get("ready"))
+            if name in _DEFAULT_ADDRESSES and name not in found:
+                address = args[0] if args and args[0] != "{" else _DEFAULT_ADDRESSES[name]
+                found[name] = _url(address, "metrics" if name == "prometheus" else name)
+    return ProbeEndpoints(found.get("health"), found.get("ready"), found.get("prometheus"))
+
+
+_DEFAULT_ADDRESSES = {
+    "health": DEFAULT_HEALTH_ADDRESS,
+    "ready": DEFAULT_READY_ADDRESS,
+    "prometheus": "localhost:9153",
+}
 
 
 def _url(address: str, path: str) -> str:

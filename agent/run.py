@@ -18,7 +18,7 @@ from wsgiref.simple_server import WSGIServer
 import psutil
 
 from agent.cgroup import Cgroup, gomemlimit_for
-from agent.config import ConfigError, IPAddress, Settings, parse_host_port
+from agent.config import ConfigError, IPAddress, Settings
 from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
 from agent.corefile import HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
 from agent.events import ApiConfigMap, ConfigChanged, Event
@@ -48,6 +48,7 @@ class CorefileFiles:
         self.settings = settings
         self.builder = CorefileBuilder(settings, api_cluster_dns_ip=api_cluster_dns_ip)
         self.health_url: str | None = None
+        self.metrics_url: str | None = None  # CoreDNS's prometheus listener, served again on the agent's port
         self._watchers: list[DirectoryWatcher | ApiConfigMapWatcher] = []
 
     def render(self, api_data: Mapping[str, str] | None) -> str:
@@ -56,6 +57,7 @@ class CorefileFiles:
             kubedns = parse_kubedns(api_data) if api_data is not None else KubeDnsConfig()
         rendered = self.builder.build(kubedns)
         self.health_url = rendered.endpoints.health_url
+        self.metrics_url = rendered.endpoints.metrics_url
         return without_reload_plugin(rendered.text)
 
     def write(self, text: str) -> bool:
@@ -140,8 +142,8 @@ def run_agent(settings: Settings) -> int:
     kill_orphans(settings)
     metrics = Metrics()
     cgroup = Cgroup.of()  # for GOMEMLIMIT, and to tell an OOM kill from another SIGKILL
-    server = _serve_metrics(settings, metrics)
     corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))
+    server = _serve_metrics(settings, metrics, lambda: corefile.metrics_url)
     supervisor = Supervisor(
         settings=settings,
         network=NodeNetwork(settings, metrics),
@@ -168,14 +170,14 @@ def run_agent(settings: Settings) -> int:
             server.server_close()
 
 
-def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer | None:
-    from prometheus_client import start_http_server
+def _serve_metrics(
+    settings: Settings, metrics: Metrics, coredns_url: Callable[[], str | None]
+) -> WSGIServer | None:
+    from agent.metrics_http import serve_metrics
 
-    host, port = parse_host_port(settings.metrics_listen_address, "-metrics-listen-address")
     try:
-        server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.registry)
+        return serve_metrics(settings.metrics_listen_address, metrics, coredns_url)
     except OSError as exc:
         # DNS matters more than metrics: report and run on without them.
-        log.error("metrics not served", address=settings.metrics_listen_address, error=exc.strerror)
+        log.error("metrics not served", address=settings.metrics_listen_address, error=str(exc))
         return None
-    return server

@@ -151,12 +151,14 @@ def test_the_probe_zone_is_added_when_the_template_lacks_it_and_kept_once_when_i
 
 def test_endpoints_come_from_the_rendered_corefile() -> None:
     assert probe_endpoints(rendered()) == ProbeEndpoints(
-        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready"
-    )
-    defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n}\n"
+        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready",
+        metrics_url="http://127.0.0.1:9253/metrics",  # `prometheus :9253` listens on loopback too
+    )  # fmt: skip
+    defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n    prometheus\n}\n"
     assert probe_endpoints(defaults) == ProbeEndpoints(
-        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready"
-    )
+        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready",
+        metrics_url="http://localhost:9153/metrics",
+    )  # fmt: skip
     assert probe_endpoints(".:53 {\n    whoami\n}\n") == ProbeEndpoints(None, None)
 
 

@@ -229,6 +229,12 @@ def test_both_metrics_endpoints_are_exposed(deployed: dict[str, dict[str, Any]])
     assert {agent_port, 9253} <= ports
     service = {p["port"] for p in deployed["Service/node-local-dns"]["spec"]["ports"]}
     assert service == {agent_port, 9253}
+    # Annotation-based scraping reaches the port that has everything (the agent's series and CoreDNS's).
+    for annotated in (
+        deployed["Service/node-local-dns"],
+        deployed["DaemonSet/node-local-dns"]["spec"]["template"],
+    ):
+        assert annotated["metadata"]["annotations"]["prometheus.io/port"] == str(agent_port)
 
 
 def test_the_image_is_this_agent_version(deployed: dict[str, dict[str, Any]]) -> None:
