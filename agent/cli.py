@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
     )
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    b("--coredns-logs", dest="coredns_logs", choices=["plain", "json"],
+      help="CoreDNS's lines unchanged (plain, default: as node-cache's) or as JSON events")  # fmt: skip
     _bool_flag(
         ours,
         "socket_gate",

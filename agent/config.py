@@ -11,6 +11,7 @@ from typing import Literal
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IptablesMode = Literal["auto", "legacy", "nft"]
 LogFormat = Literal["auto", "json", "console"]
+CorednsLogs = Literal["plain", "json"]
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -73,6 +74,10 @@ class Settings:
     xtables_lock: Path = Path("/run/xtables.lock")
     xtables_wait: float = 2.0
     log_format: LogFormat = "auto"
+    # CoreDNS's own output: "plain" passes its lines through unchanged ("[INFO] plugin/reload: ..."), as
+    # node-cache prints them, so log pipelines built for node-cache keep parsing them; "json" makes each a
+    # `coredns output` event. The agent's own events are JSON either way.
+    coredns_logs: CorednsLogs = "plain"
     # The firewall mark on the agent's DNS probes; a rule lets marked probes to the local addresses skip
     # conntrack, so they reach CoreDNS even while kube-proxy still DNATs the kube-dns ClusterIP. One bit,
     # clear of kube-proxy's 0x4000/0x8000 and of Calico's and Weave's upper bits.

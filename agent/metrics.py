@@ -53,6 +53,11 @@ class Metrics:
             "Rules node-cache left behind (its exact rule set for the local addresses), removed at start.",
             registry=r,
         )
+        self.coredns_output_dropped = Counter(
+            "nodelocaldns_agent_coredns_output_dropped_lines",
+            "CoreDNS output lines dropped because stdout was slower than CoreDNS (never blocking CoreDNS).",
+            registry=r,
+        )
         self.coredns_metrics_up = Gauge(
             "nodelocaldns_agent_coredns_metrics_up",
             "1 when this scrape got CoreDNS's metrics (served after the agent's), 0 when it could not.",

@@ -90,7 +90,7 @@ class CorefileFiles:
 
 
 def coredns_launcher(
-    settings: Settings, cgroup: Cgroup | None
+    settings: Settings, cgroup: Cgroup | None, metrics: Metrics | None = None
 ) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
     argv = [settings.coredns_binary, "-conf", str(settings.corefile), "-dns.port", str(settings.dns_port)]
     if settings.quiet:
@@ -103,7 +103,8 @@ def coredns_launcher(
         env["GOMEMLIMIT"] = limit
         log.info("coredns memory limit", gomemlimit=limit, cause="the container's memory limit")
     full = with_parent_death_signal(argv)
-    return lambda post: CoreDnsProcess(full, post, env)
+    dropped = metrics.coredns_output_dropped.inc if metrics is not None else None
+    return lambda post: CoreDnsProcess(full, post, env, settings.coredns_logs, dropped)
 
 
 def kill_orphans(settings: Settings) -> None:
@@ -148,7 +149,7 @@ def run_agent(settings: Settings) -> int:
         settings=settings,
         network=NodeNetwork(settings, metrics),
         corefile=corefile,
-        launcher=coredns_launcher(settings, cgroup),
+        launcher=coredns_launcher(settings, cgroup, metrics),
         probe_settings=ProbeSettings(
             local_ips,
             settings.dns_port,

@@ -85,8 +85,13 @@ class AgentProcess:
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cgroup: Path | None = None,
+        relay: bool = False,
     ) -> None:
+        """``relay``: the agent's stdout is a pipe to a ``cat`` that appends to the log (``self.relay``), so a
+        test can stall the reader of the agent's output (SIGSTOP) as a slow log pipeline would."""
         self.box = box
+        self.relay: subprocess.Popen[bytes] | None = None
+        self._relay_wanted = relay
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.cgroup = cgroup
         self.dir = box.workdir / name
@@ -126,9 +131,14 @@ class AgentProcess:
             # Enter the cgroup first, then exec: the agent's pid stays this one.
             argv = ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
         with self.log_path.open("ab") as log:
+            if self._relay_wanted:
+                self.relay = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
+            out = self.relay.stdin if self.relay is not None else log
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env
             )
+        if self.relay is not None and self.relay.stdin is not None:
+            self.relay.stdin.close()  # the agent holds the pipe now
         return self
 
     def wait_serving(self, timeout: float = 20.0) -> None:
@@ -180,11 +190,15 @@ class AgentProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        if self.relay is not None:
+            self.relay.send_signal(signal.SIGCONT)
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 self.stop()
         with contextlib.suppress(ProcessLookupError):
             self.kill()
+        if self.relay is not None:
+            self.relay.wait(timeout=5)
 
     # Observing ---------------------------------------------------------------------------------------
     def status(self) -> dict[str, object]:
