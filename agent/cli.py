@@ -1,8 +1,11 @@
 """The command line: node-cache's flags unchanged, readable long forms, and the agent's own.
 
 Go's flag package accepts ``-flag value``, ``-flag=value``, ``--flag value`` and bare ``-boolflag``; so does
-this parser, so an existing node-local-dns manifest runs unchanged. Heavy modules are imported only by the
-mode that needs them: ``agent --check`` runs every few seconds on every node and must stay cheap.
+this parser, so an existing node-local-dns manifest runs unchanged. Like Go's, it matches flag names exactly:
+argparse would take ``-p 5353`` as ``-pidfile 5353`` (its prefix matching of single-dash options survives
+``allow_abbrev=False``), so prefixes are switched off and an unknown flag exits 2 naming it.
+Heavy modules are imported only by the mode that needs them: ``agent --check`` runs every few seconds on
+every node and must stay cheap.
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"agent: {message}\nRun 'agent --help' for the flags.\n")
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        return []  # no abbreviations, no prefixes: only a flag's exact name (or NAME=VALUE) matches it
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flag = next((arg for arg in extras if arg.startswith("-")), None)
+            self.error(
+                f"flag provided but not defined: {flag}" if flag else f"unexpected argument {extras[0]!r}"
+            )
+        return ns
 
 
 def _flag(*names: str) -> list[str]:
@@ -59,6 +74,10 @@ def _bool_flag(parser: argparse._ActionsContainer, dest: str, *names: str, help:
     )  # fmt: skip
 
 
+def _host_port(flag: str) -> Callable[[str], Any]:
+    return _typed(lambda v, f: (parse_host_port(v, f), v)[1], flag)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="agent",
@@ -69,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--check", action="store_true", help="liveness probe: exit 0 if the agent is alive")
     modes.add_argument("--teardown", action="store_true", help="remove the agent's rules and interface")
     modes.add_argument("--print-corefile", action="store_true", help="render the Corefile to stdout")
-    modes.add_argument("--version", action="store_true", help="print the agent's and CoreDNS's versions")
+    modes.add_argument(*_flag("version"), dest="version", action="store_true",
+                       help="CoreDNS's version (as its -version prints it), then the agent's")  # fmt: skip
+    modes.add_argument(*_flag("plugins"), dest="plugins", action="store_true",
+                       help="list CoreDNS's plugins (CoreDNS's -plugins)")  # fmt: skip
 
     node_cache = p.add_argument_group("node-cache flags (accepted unchanged)")
     a = node_cache.add_argument
@@ -85,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(*_flag("syncinterval", "--sync-interval"), dest="sync_interval", type=sync_interval, metavar="DURATION",
       help="rule/address check interval (seconds or 1s/500ms)")  # fmt: skip
     a(*_flag("metrics-listen-address"), dest="metrics_listen_address", metavar="HOST:PORT",
-      type=_typed(lambda v, f: (parse_host_port(v, f), v)[1], "-metrics-listen-address"))  # fmt: skip
+      type=_host_port("-metrics-listen-address"), help="the agent's metrics, CoreDNS's included")  # fmt: skip
+    a(*_flag("prometheus-listen-address"), dest="prometheus_listen_address", metavar="HOST:PORT",
+      type=_host_port("-prometheus-listen-address"),
+      help="CoreDNS's prometheus listener: the template's __PROMETHEUS__ENDPOINT__")  # fmt: skip
     a(*_flag("basecorefile", "--base-corefile"), dest="base_corefile", type=Path, metavar="PATH")
     a(*_flag("corefile", "conf"), dest="corefile", type=Path, metavar="PATH",
       help="where the rendered Corefile is written (CoreDNS's -conf is the same file)")  # fmt: skip
@@ -98,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(node_cache, "reload_with_signal", "reloadwithsignal", "--reload-with-signal",
                help="accepted for compatibility: the agent always reloads CoreDNS with SIGUSR1")  # fmt: skip
     a(*_flag("pidfile"), dest="pidfile", type=Path, metavar="PATH", help="CoreDNS's pidfile")
-    a(*_flag("dns.port", "--dns-port"), dest="dns_port", type=int, metavar="PORT")
+    a(*_flag("dns.port", "--dns-port"), dest="dns_port", type=int, metavar="PORT",
+      help="CoreDNS's default port: zones written without a port follow it")  # fmt: skip
+    _bool_flag(node_cache, "quiet", "quiet", help="CoreDNS's -quiet: no start-up banner")
 
     ours = p.add_argument_group("agent flags")
     b = ours.add_argument
@@ -127,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
     )
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    b("--coredns-logs", dest="coredns_logs", choices=["plain", "json"],
+      help="CoreDNS's lines unchanged (plain, default: as node-cache's) or as JSON events")  # fmt: skip
     _bool_flag(
         ours,
         "socket_gate",
@@ -152,7 +181,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-_MODES = {"check", "teardown", "print_corefile", "version"}
+_MODES = {"check", "teardown", "print_corefile", "version", "plugins"}
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
@@ -170,12 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.check import check
 
         return check(settings)
-    if ns.version:
-        from agent.coredns import coredns_version
+    if ns.version or ns.plugins:
+        from agent.coredns import coredns_info
 
-        print(f"node-local-dns-agent {__version__}")
-        print(coredns_version(settings.coredns_binary))
-        return 0
+        # node-cache's -version and -plugins are CoreDNS's: print what CoreDNS prints, exit as it does.
+        code, text = coredns_info(settings.coredns_binary, "-version" if ns.version else "-plugins")
+        sys.stdout.write(text)
+        if ns.version:
+            print(f"node-local-dns-agent {__version__}")
+        return code
     if ns.print_corefile:
         from agent.corefile import print_corefile
 

@@ -11,8 +11,10 @@ from typing import Literal
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IptablesMode = Literal["auto", "legacy", "nft"]
 LogFormat = Literal["auto", "json", "console"]
+CorednsLogs = Literal["plain", "json"]
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -35,6 +37,9 @@ class Settings:
     # every 60 s; a cheap in-process check makes 1 s affordable.
     sync_interval: float = 1.0
     metrics_listen_address: str = "0.0.0.0:9353"
+    # CoreDNS's prometheus listener, written where the template says __PROMETHEUS__ENDPOINT__ (node-local-dns
+    # main's placeholder and default; the shipped template names :9253 itself).
+    prometheus_listen_address: str = ":9253"
     base_corefile: Path = Path("/etc/coredns/Corefile.base")
     # Where the rendered Corefile is written (node-cache's -corefile; CoreDNS's -conf names the same file).
     corefile: Path = Path("/etc/Corefile")
@@ -44,11 +49,15 @@ class Settings:
     kubedns_configmap_api: str | None = None
     kubeconfig: Path | None = None
     # The Service whose ClusterIP the cluster zones are forwarded to (its *_SERVICE_HOST variable).
-    upstream_svc: str = "kube-dns-upstream"
+    # node-cache's default, kube-dns, works only where the cache does not hold the kube-dns ClusterIP (IPVS
+    # mode); the manifest passes kube-dns-upstream. A ClusterIP that is a local address is refused (a loop).
+    upstream_svc: str = "kube-dns"
     cluster_dns_ip: IPAddress | None = None
     cluster_domain: str = "cluster.local"
     health_port: int = 8080
     dns_port: int = 53
+    # CoreDNS's -quiet: no start-up banner.
+    quiet: bool = False
     skip_teardown: bool = False
     reload_with_signal: bool = False
     pidfile: Path | None = None
@@ -65,6 +74,10 @@ class Settings:
     xtables_lock: Path = Path("/run/xtables.lock")
     xtables_wait: float = 2.0
     log_format: LogFormat = "auto"
+    # CoreDNS's own output: "plain" passes its lines through unchanged ("[INFO] plugin/reload: ..."), as
+    # node-cache prints them, so log pipelines built for node-cache keep parsing them; "json" makes each a
+    # `coredns output` event. The agent's own events are JSON either way.
+    coredns_logs: CorednsLogs = "plain"
     # The firewall mark on the agent's DNS probes; a rule lets marked probes to the local addresses skip
     # conntrack, so they reach CoreDNS even while kube-proxy still DNATs the kube-dns ClusterIP. One bit,
     # clear of kube-proxy's 0x4000/0x8000 and of Calico's and Weave's upper bits.
@@ -90,6 +103,7 @@ class Settings:
         if self.health_port == self.dns_port:
             raise ConfigError(f"-health-port: {self.health_port} is also the DNS port")
         parse_host_port(self.metrics_listen_address, "-metrics-listen-address")
+        parse_host_port(self.prometheus_listen_address, "-prometheus-listen-address")
         if not 0 < self.probe_mark < 1 << 32 or self.probe_mark & (self.probe_mark - 1):
             raise ConfigError(f"--probe-mark: {self.probe_mark:#x} is not a single bit of a 32-bit mark")
         if self.check_max_age <= 0:
@@ -149,14 +163,18 @@ def parse_bool(value: str, flag: str) -> bool:
 
 
 def parse_host_port(value: str, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``; an empty host means every address."""
+    """``HOST:PORT`` or ``[V6]:PORT``, as Go's listener takes it: HOST is an address or a host name
+    (``localhost:9353``); an empty host means every address."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{flag}: {value!r} is not HOST:PORT")
-    host = host.strip("[]")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     if host:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise ConfigError(f"{flag}: {host!r} is not an IP address") from None
+            labels = host.removesuffix(".").split(".")
+            if bracketed or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+                raise ConfigError(f"{flag}: {host!r} is neither an IP address nor a host name") from None
     return host, int(port_text)

@@ -1,5 +1,5 @@
 """CoreDNS, the child: launched in its own process group, never outliving the agent, first in line for the OOM
-killer, its output passed through as structured log lines.
+killer, its output passed through (unchanged, or as structured log lines) without ever blocking it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import psutil
 
@@ -28,6 +30,13 @@ _LEVEL = re.compile(r"^\[(INFO|WARNING|ERROR|FATAL|DEBUG)\]\s*(.*)$")
 # Lines that tell the supervisor how a SIGUSR1 reload went.
 RELOAD_DONE = "Reloading complete"
 RELOAD_FAILED = re.compile(r"SIGUSR1: (?!Reloading)|Restart failed")
+_RELOAD_MARKERS = (b"SIGUSR1", b"Reloading", b"Restart failed")  # a cheap test before the regex
+# CoreDNS's lines waiting for the agent's stdout, at most. With the `log` plugin CoreDNS prints a line per
+# query; if stdout cannot take them as fast (a slow log pipeline), the excess is dropped and counted, so the
+# pipe from CoreDNS is always drained: a full pipe would block CoreDNS's logging, and with it its answers.
+# 20 000 lines is 2 s of a 10k qps query log, a few MB.
+OUTPUT_BACKLOG_LINES = 20_000
+OutputFormat = Literal["plain", "json"]
 # The OOM killer picks the process with the highest score; CoreDNS's is raised this far above the agent's so
 # the agent survives to fail DNS over and restart it (where the container's cgroup is not killed as one).
 # Relative, not 1000: on a bare-metal node CoreDNS must not become the first victim of the whole node.
@@ -48,13 +57,13 @@ class CoreDnsStartError(RuntimeError):
     """CoreDNS could not be launched at all (missing or non-executable binary)."""
 
 
-def coredns_version(binary: str) -> str:
-    """CoreDNS's version line, or why it is not available (used by ``agent --version``)."""
+def coredns_info(binary: str, flag: str) -> tuple[int, str]:
+    """CoreDNS's answer to ``-version`` or ``-plugins`` (its exit code and output), or why it has none."""
     try:
-        out = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run([binary, flag], capture_output=True, text=True, timeout=10, check=False)
     except OSError as exc:
-        return f"coredns not available at {binary}: {exc.strerror}"
-    return out.stdout.splitlines()[0] if out.stdout else f"coredns at {binary}: no version output"
+        return 1, f"coredns not available at {binary}: {exc.strerror}\n"
+    return out.returncode, out.stdout
 
 
 def describe_returncode(returncode: int) -> str:
@@ -83,6 +92,85 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
+class OutputPump:
+    """Moves CoreDNS's output from its pipe to the agent's stdout without ever blocking CoreDNS.
+
+    The reader thread only reads, remembers the last lines and spots reload confirmations; a writer thread
+    writes. Between them a bounded backlog: when stdout is slower than CoreDNS (a query log at 10k qps into a
+    slow log pipeline), lines beyond it are dropped and counted (``on_dropped``), never waited for.
+    ``plain`` writes CoreDNS's lines unchanged (``[INFO] plugin/reload: …``, what log pipelines built for
+    node-cache parse); ``json`` writes each as a ``coredns output`` event."""
+
+    def __init__(
+        self,
+        pid: int,
+        fmt: OutputFormat,
+        on_dropped: Callable[[int], None] | None = None,
+        out: BinaryIO | None = None,
+        backlog: int = OUTPUT_BACKLOG_LINES,
+    ) -> None:
+        self.pid, self.fmt, self.on_dropped, self.backlog = pid, fmt, on_dropped, backlog
+        self.out = out if out is not None else sys.stdout.buffer
+        self._lines: list[bytes] = []
+        self._dropped = 0
+        self._closed = False
+        self._ready = threading.Condition()
+        self._writer = threading.Thread(target=self._write_loop, name=f"coredns-{pid}-writer", daemon=True)
+        self._writer.start()
+
+    def offer(self, line: bytes) -> None:
+        """Queue one line (without its newline); drops it when the backlog is full. Never blocks for long."""
+        with self._ready:
+            full = len(self._lines) >= self.backlog
+            if full:
+                self._dropped += 1  # for the writer's warning once it can write again
+            else:
+                self._lines.append(line)
+                if len(self._lines) == 1:
+                    self._ready.notify()
+        if full and self.on_dropped is not None:
+            self.on_dropped(1)  # counted at once: the writer may be the one stuck
+
+    def close(self, timeout: float = 1.0) -> None:
+        """No more lines: the writer writes what is queued (within ``timeout``) and stops."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._writer.join(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._lines and not self._closed:
+                    self._ready.wait()
+                batch, self._lines = self._lines, []
+                dropped, self._dropped = self._dropped, 0
+                closed = self._closed
+            if batch:
+                self._write(batch, dropped)
+            if closed and not batch:
+                return
+
+    def _write(self, batch: list[bytes], dropped: int) -> None:
+        try:
+            if self.fmt == "plain":
+                self.out.write(b"\n".join(batch) + b"\n")
+                self.out.flush()
+            else:
+                for raw in batch:
+                    line = raw.decode(errors="replace")
+                    match = _LEVEL.match(line)
+                    level, text = (match.group(1).lower(), match.group(2)) if match else ("info", line)
+                    getattr(log, "error" if level == "fatal" else level, log.info)(
+                        "coredns output", msg=text, pid=self.pid
+                    )
+            if dropped:
+                log.warning("coredns output dropped", lines=dropped, pid=self.pid,
+                            cause="stdout slower than coredns's output")  # fmt: skip
+        except (OSError, ValueError):
+            pass  # stdout gone (the agent is exiting): nothing to tell anyone
+
+
 class CoreDnsProcess:
     """One CoreDNS child process. Its waiter and output threads only post events.
 
@@ -95,10 +183,13 @@ class CoreDnsProcess:
         argv: Sequence[str],
         post: Callable[[Event], None],
         env: Mapping[str, str] | None = None,
+        output: OutputFormat = "plain",
+        on_output_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.argv = list(argv)
         self._post = post
         self._env = dict(env) if env is not None else None
+        self._output, self._on_output_dropped = output, on_output_dropped
         self._proc: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
         self.started_at = 0.0
@@ -142,21 +233,25 @@ class CoreDnsProcess:
         self._post(ChildExited(self._proc.pid, returncode))
 
     def _pump_output(self) -> None:
+        """Read CoreDNS's output as fast as it comes; the writing is the :class:`OutputPump`'s."""
         assert self._proc is not None and self._proc.stdout is not None
         pid = self._proc.pid
-        with self._proc.stdout as stream:
-            for raw in stream:
-                line = raw.decode(errors="replace").rstrip()
-                if not line:
-                    continue
-                self.recent_output.append(line)
-                match = _LEVEL.match(line)
-                level, text = (match.group(1).lower(), match.group(2)) if match else ("info", line)
-                getattr(log, "error" if level == "fatal" else level, log.info)(
-                    "coredns output", msg=text, pid=pid
-                )
-                if RELOAD_DONE in line or RELOAD_FAILED.search(line):
-                    self._post(ChildOutput(pid, line))
+        pump = OutputPump(pid, self._output, self._on_output_dropped)
+        try:
+            with self._proc.stdout as stream:
+                for chunk in stream:
+                    raw = chunk.rstrip()
+                    if not raw:
+                        continue
+                    pump.offer(raw)
+                    line = raw.decode(errors="replace")
+                    self.recent_output.append(line)
+                    if any(marker in raw for marker in _RELOAD_MARKERS) and (
+                        RELOAD_DONE in line or RELOAD_FAILED.search(line)
+                    ):
+                        self._post(ChildOutput(pid, line))
+        finally:
+            pump.close()
 
     def signal(self, signum: int) -> None:
         if self._proc is not None and self._proc.returncode is None:

@@ -40,6 +40,8 @@ UPSTREAM_SERVERS = "__PILLAR__UPSTREAM__SERVERS__"
 # The agent's own: node-cache's template hard-codes 53 and 8080, which -dns.port and -health-port cannot move.
 DNS_PORT = "__PILLAR__DNS__PORT__"
 HEALTH_PORT = "__PILLAR__HEALTH__PORT__"
+# node-local-dns main's (2026-06): CoreDNS's prometheus listener, -prometheus-listen-address (default :9253).
+PROMETHEUS_ENDPOINT = "__PROMETHEUS__ENDPOINT__"
 
 # The zone CoreDNS answers by itself, for the agent's DNS health probe: asking it proves CoreDNS is serving on
 # the local address without depending on kube-dns or the upstream resolvers being up.
@@ -48,6 +50,11 @@ HEALTH_PROBE_NAME = f"{HEALTH_PROBE_ZONE}."
 HEALTH_PROBE_TYPE = "A"
 HEALTH_PROBE_ANSWER = "127.0.0.1"
 
+# Where the agent puts CoreDNS's `ready` when the template has none (the node-local-dns ConfigMap has none:
+# node-cache's CoreDNS build lacks the plugin, so the same ConfigMap must serve both for a rollback by image
+# swap). The manifest's readiness probe asks the first local address on this port.
+READY_PORT = 8181
+READY_ZONE = "ready.node-local-dns"
 # CoreDNS's defaults when `health` / `ready` name no address.
 DEFAULT_HEALTH_ADDRESS = ":8080"
 DEFAULT_READY_ADDRESS = ":8181"
@@ -80,6 +87,7 @@ def render(
     health_port: int,
     kubedns: KubeDnsConfig,
     upstream_servers: Sequence[str] = (),
+    prometheus_endpoint: str = Settings.prometheus_listen_address,
 ) -> str:
     """The Corefile for these inputs.
 
@@ -98,15 +106,22 @@ def render(
         HEALTH_PORT: str(health_port),
         CLUSTER_DNS: str(cluster_dns_ip) if cluster_dns_ip is not None else None,
         UPSTREAM_SERVERS: " ".join(upstreams) or None,
+        PROMETHEUS_ENDPOINT: prometheus_endpoint,
     }
     lines = template.splitlines()
     if kubedns.upstream_nameservers:
         lines = _without_force_tcp_to_upstreams(lines)
     out = [_substitute(line, n, local_ips, values) for n, line in enumerate(lines, 1)]
     body = "\n".join(out).rstrip() + "\n"
-    served = {(zone, port or dns_port) for block in server_blocks(body) for zone, port in block.zones}
+    blocks = server_blocks(body)
+    served = {(zone, port or dns_port) for block in blocks for zone, port in block.zones}
     probe_missing = (HEALTH_PROBE_ZONE, dns_port) not in served
-    _check_stub_domains(kubedns, domain, served | {(HEALTH_PROBE_ZONE, dns_port)}, local_ips, dns_port)
+    has_ready = any(name == "ready" for block in blocks for name, _ in block.directives)
+    ready = None if has_ready else f"{_host(local_ips[0])}:{READY_PORT}"
+    ours = {(HEALTH_PROBE_ZONE, dns_port)} | (
+        {(READY_ZONE, dns_port)} if ready and not probe_missing else set()
+    )
+    _check_stub_domains(kubedns, domain, served | ours, local_ips, dns_port)
     binds = " ".join(map(str, local_ips))
     for stub, servers in kubedns.stub_domains:
         body += (
@@ -114,15 +129,21 @@ def render(
             f"    forward . {' '.join(servers)}\n}}\n"
         )
     if probe_missing:
-        body += probe_server_block(local_ips, dns_port)
+        body += probe_server_block(local_ips, dns_port, ready)
+    elif ready:
+        body += (
+            f"{READY_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n    ready {ready}\n}}\n"
+        )
     return body
 
 
-def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int) -> str:
-    """The zone the health probe asks, added when a template (e.g. an existing node-cache one) lacks it."""
+def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str | None = None) -> str:
+    """The zone the health probe asks, added when a template (e.g. a node-cache ConfigMap) lacks it; it
+    carries CoreDNS's ``ready`` (the readiness probe's ``/ready``) when the template has none."""
     return (
         f"{HEALTH_PROBE_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n"
-        f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
+        + (f"    ready {ready}\n" if ready else "")
+        + f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
         f'        answer "{{{{ .Name }}}} 0 IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ANSWER}"\n    }}\n}}\n'
     )
 
@@ -155,7 +176,8 @@ _MISSING = {
     "(set its *_SERVICE_HOST variable through -upstreamsvc, or --cluster-dns-ip)",
     UPSTREAM_SERVERS: "has no value: no upstreamNameservers and no nameserver in resolv.conf",
 }
-_KNOWN = (LOCAL_DNS, DNS_SERVER, DNS_DOMAIN, CLUSTER_DNS, UPSTREAM_SERVERS, DNS_PORT, HEALTH_PORT)
+_KNOWN = (LOCAL_DNS, DNS_SERVER, DNS_DOMAIN, CLUSTER_DNS, UPSTREAM_SERVERS, DNS_PORT, HEALTH_PORT,
+          PROMETHEUS_ENDPOINT)  # fmt: skip
 
 
 def _without_force_tcp_to_upstreams(lines: list[str]) -> list[str]:
@@ -329,18 +351,26 @@ class ProbeEndpoints:
 
     health_url: str | None
     ready_url: str | None
+    metrics_url: str | None = None
 
 
 def probe_endpoints(text: str) -> ProbeEndpoints:
-    """The ``/health`` and ``/ready`` URLs of the first ``health`` and ``ready`` directives, if any."""
+    """The ``/health``, ``/ready`` and ``/metrics`` URLs of the first ``health``, ``ready`` and ``prometheus``
+    directives, if any."""
     found: dict[str, str] = {}
     for block in server_blocks(text):
         for name, args in block.directives:
-            if name in ("health", "ready") and name not in found:
-                default = DEFAULT_HEALTH_ADDRESS if name == "health" else DEFAULT_READY_ADDRESS
-                address = args[0] if args and args[0] != "{" else default
-                found[name] = _url(address, name)
-    return ProbeEndpoints(health_url=found.get("health"), ready_url=found.get("ready"))
+            if name in _DEFAULT_ADDRESSES and name not in found:
+                address = args[0] if args and args[0] != "{" else _DEFAULT_ADDRESSES[name]
+                found[name] = _url(address, "metrics" if name == "prometheus" else name)
+    return ProbeEndpoints(found.get("health"), found.get("ready"), found.get("prometheus"))
+
+
+_DEFAULT_ADDRESSES = {
+    "health": DEFAULT_HEALTH_ADDRESS,
+    "ready": DEFAULT_READY_ADDRESS,
+    "prometheus": "localhost:9153",
+}
 
 
 def _url(address: str, path: str) -> str:
@@ -398,15 +428,23 @@ class CorefileBuilder:
             kubedns = read_kubedns_dir(dir_) if dir_ is not None else KubeDnsConfig()
         template = self.read_template()
         needs_upstreams = not kubedns.upstream_nameservers and UPSTREAM_SERVERS in template
+        cluster_dns_ip = self.cluster_dns_ip()
+        if cluster_dns_ip in s.require_local_ips() and CLUSTER_DNS in template:
+            raise CorefileError(
+                f"{self._cluster_dns_source()}: {cluster_dns_ip} is one of -localip, so forwarding the "
+                "cluster domain to it would loop back to this cache; pass -upstreamsvc kube-dns-upstream "
+                "(the Service the manifest creates), or --cluster-dns-ip"
+            )
         text = render(
             template,
             local_ips=s.require_local_ips(),
-            cluster_dns_ip=self.cluster_dns_ip(),
+            cluster_dns_ip=cluster_dns_ip,
             cluster_domain=s.cluster_domain,
             dns_port=s.dns_port,
             health_port=s.health_port,
             kubedns=kubedns,
             upstream_servers=self.resolv_conf_nameservers() if needs_upstreams else (),
+            prometheus_endpoint=s.prometheus_listen_address,
         )
         return Rendered.of(text)
 
@@ -436,6 +474,14 @@ class CorefileBuilder:
             except ValueError:
                 raise CorefileError(f"{variable}: {value!r} is not an IP address") from None
         return self.api_cluster_dns_ip
+
+    def _cluster_dns_source(self) -> str:
+        if self.settings.cluster_dns_ip is not None:
+            return "--cluster-dns-ip"
+        variable = service_host_variable(self.settings.upstream_svc)
+        if self.environ.get(variable, "").strip():
+            return f"-upstreamsvc {self.settings.upstream_svc} ({variable})"
+        return f"-upstreamsvc {self.settings.upstream_svc} (its clusterIP from the API)"
 
     def resolv_conf_nameservers(self) -> tuple[str, ...]:
         """The node's nameservers; systemd-resolved's real ones when resolv.conf names only its local stub."""

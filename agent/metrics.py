@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # node-cache's error types, kept so existing dashboards and alerts work unchanged.
 SETUP_ERROR_TYPES = ("iptables", "iptables_lock", "interface_add", "interface_check", "configmap")
@@ -48,6 +48,28 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.node_cache_rules_removed = Counter(
+            "nodelocaldns_agent_node_cache_rules_removed",
+            "Rules node-cache left behind (its exact rule set for the local addresses), removed at start.",
+            registry=r,
+        )
+        self.coredns_output_dropped = Counter(
+            "nodelocaldns_agent_coredns_output_dropped_lines",
+            "CoreDNS output lines dropped because stdout was slower than CoreDNS (never blocking CoreDNS).",
+            registry=r,
+        )
+        self.coredns_metrics_up = Gauge(
+            "nodelocaldns_agent_coredns_metrics_up",
+            "1 when this scrape got CoreDNS's metrics (served after the agent's), 0 when it could not.",
+            registry=r,
+        )
+        self.coredns_metrics_failures = Counter(
+            "nodelocaldns_agent_coredns_metrics_fetch_failures",
+            "Scrapes that could not fetch CoreDNS's metrics in time (CoreDNS down, restarting or hung).",
+            registry=r,
+        )
+        # The agent's own process (CoreDNS's process_* come with its metrics): prefixed, so never clashing.
+        ProcessCollector(namespace="nodelocaldns_agent", registry=r)
         self.healthy_since = Gauge(
             "nodelocaldns_agent_coredns_healthy_since_seconds",
             "Seconds since CoreDNS last became healthy; 0 while it is not healthy.",

@@ -18,7 +18,18 @@ from agent.config import Settings
 from agent.fingerprint import Fingerprint, LegacyFingerprint, NftGeneration
 from agent.logs import get_logger
 from agent.metrics import Metrics
-from agent.rules import FAMILIES, TABLES, Family, Plan, Rule, family_of, plan, tagged_rules, wanted_rules
+from agent.rules import (
+    FAMILIES,
+    TABLES,
+    Family,
+    Plan,
+    Rule,
+    family_of,
+    plan,
+    saved_rules,
+    tagged_rules,
+    wanted_rules,
+)
 from agent.stopflag import Abort, StopFlag
 from agent.xtables import (
     Mode,
@@ -41,11 +52,17 @@ _RECONCILE_BACKOFF = (1.0, 30.0)  # first and longest pause of reconcile after a
 log = get_logger("packetfilter")
 
 
-def read_tagged(xtables: Xtables, family: Family, *, deadline: float | None = None) -> list[Rule]:
-    """The agent's rules now present for ``family``, duplicates included."""
+# Which rules of ``iptables-save`` output a converger owns: the agent's tagged rules, or node-cache's.
+Owned = Callable[[str, Family], list[Rule]]
+
+
+def read_tagged(
+    xtables: Xtables, family: Family, *, deadline: float | None = None, owned: Owned = tagged_rules
+) -> list[Rule]:
+    """The agent's rules (or those ``owned`` selects) now present for ``family``, duplicates included."""
     found: list[Rule] = []
     for table in TABLES:
-        found += tagged_rules(xtables.save(family, table, deadline=deadline), family)
+        found += owned(xtables.save(family, table, deadline=deadline), family)
     return found
 
 
@@ -64,6 +81,7 @@ class Converger:
     xtables: Xtables
     metrics: Metrics
     fingerprint: Fingerprint | None = None
+    owned: Owned = tagged_rules
 
     def converge(
         self,
@@ -81,7 +99,7 @@ class Converger:
                 raise PacketFilterInterruptError(f"IPv{family} rules: interrupted before a change")
             seen = self.fingerprint(family) if self.fingerprint is not None else None
             try:
-                observed = read_tagged(self.xtables, family, deadline=deadline)
+                observed = read_tagged(self.xtables, family, deadline=deadline, owned=self.owned)
             except PacketFilterInterruptError:
                 raise
             except PacketFilterError:
@@ -133,6 +151,28 @@ def remove_tagged_rules(
     converger = Converger(xtables, metrics)
     changes: list[str] = []
     for family in families:
+        for done in converger.converge(family, (), deadline=deadline, abort=abort).plans:
+            changes += done.describe()
+    return changes
+
+
+def remove_node_cache_rules(
+    xtables: Xtables,
+    metrics: Metrics,
+    rules: Sequence[Rule],
+    *,
+    deadline: float,
+    abort: Abort | None = None,
+) -> list[str]:
+    """Remove node-cache's leftover rules (exactly ``rules``, every copy) from one backend; nothing else."""
+    wanted = set(rules)
+
+    def node_cache(save_output: str, family: Family) -> list[Rule]:
+        return [rule for rule in saved_rules(save_output, family) if rule in wanted]
+
+    converger = Converger(xtables, metrics, owned=node_cache)
+    changes: list[str] = []
+    for family in sorted({rule.family for rule in rules}):
         for done in converger.converge(family, (), deadline=deadline, abort=abort).plans:
             changes += done.describe()
     return changes

@@ -29,6 +29,11 @@ SKIP_CONNTRACK = f"{TAG}: skip conntrack"
 HOST_QUERIES = f"{TAG}: host queries skip conntrack"
 ALLOW_DNS = f"{TAG}: allow DNS traffic"
 HEALTH_PROBES = f"{TAG}: health probes skip conntrack"
+# node-cache's two comments (kubernetes-sigs/node-local-dns, cmd/node-cache/app/cache_app.go). Its rules stay
+# behind when it is SIGKILLed, OOM-killed, stopped with a 0 s grace period or run with -skipteardown; they are
+# ungated, so left in place they would send pod queries to a dead cache (see node_cache_rules).
+NODE_CACHE_SKIP_CONNTRACK = "NodeLocal DNS Cache: skip conntrack"
+NODE_CACHE_ALLOW_DNS = "NodeLocal DNS Cache: allow DNS traffic"
 
 
 class RuleSyntaxError(ValueError):
@@ -126,6 +131,38 @@ def wanted_rules(
     return rules
 
 
+def node_cache_rules(local_ips: Sequence[IPAddress], *, dns_port: int, health_port: int) -> list[Rule]:
+    """node-cache's rule set for these addresses and ports, spelled as ``iptables-save`` prints it (legacy and
+    nft alike). Per address, tcp and udp: raw PREROUTING ``-d --dport DNS`` NOTRACK, filter INPUT ``-d --dport
+    DNS`` ACCEPT, raw OUTPUT ``-s --sport DNS`` NOTRACK, filter OUTPUT ``-s --sport DNS`` ACCEPT, raw OUTPUT
+    ``-d --dport DNS`` NOTRACK; and tcp only: raw OUTPUT ``-d --dport HEALTH`` and ``-s --sport HEALTH``
+    NOTRACK. Only exactly these rules are ever removed as node-cache's."""
+    rules: list[Rule] = []
+    for ip in local_ips:
+        fam, addr = family_of(ip), _cidr(ip)
+        for proto in ("tcp", "udp"):
+            dport = f"-d {addr} -p {proto} -m {proto} --dport {dns_port}"
+            sport = f"-s {addr} -p {proto} -m {proto} --sport {dns_port}"
+            for table, chain, match, comment, target in (
+                ("raw", "PREROUTING", dport, NODE_CACHE_SKIP_CONNTRACK, "-j NOTRACK"),
+                ("filter", "INPUT", dport, NODE_CACHE_ALLOW_DNS, "-j ACCEPT"),
+                ("raw", "OUTPUT", sport, NODE_CACHE_SKIP_CONNTRACK, "-j NOTRACK"),
+                ("filter", "OUTPUT", sport, NODE_CACHE_ALLOW_DNS, "-j ACCEPT"),
+                ("raw", "OUTPUT", dport, NODE_CACHE_SKIP_CONNTRACK, "-j NOTRACK"),
+            ):
+                rules.append(Rule(fam, table, chain, _spec(match, comment=comment, target=target)))
+        for match in (
+            f"-d {addr} -p tcp -m tcp --dport {health_port}",
+            f"-s {addr} -p tcp -m tcp --sport {health_port}",
+        ):
+            rules.append(
+                Rule(
+                    fam, "raw", "OUTPUT", _spec(match, comment=NODE_CACHE_SKIP_CONNTRACK, target="-j NOTRACK")
+                )
+            )
+    return rules
+
+
 def is_tagged(spec: str) -> bool:
     """True when the rule's comment carries the agent's tag (parsed, so a tag inside another field is not)."""
     if TAG not in spec:
@@ -142,6 +179,11 @@ def is_tagged(spec: str) -> bool:
 
 def tagged_rules(save_output: str, family: Family) -> list[Rule]:
     """The agent's rules in ``iptables-save`` output, in order, duplicates kept (any table, any chain)."""
+    return [rule for rule in saved_rules(save_output, family) if is_tagged(rule.spec)]
+
+
+def saved_rules(save_output: str, family: Family) -> list[Rule]:
+    """Every rule in ``iptables-save`` output, in order, duplicates kept."""
     found: list[Rule] = []
     table = ""
     for line in save_output.splitlines():
@@ -151,8 +193,7 @@ def tagged_rules(save_output: str, family: Family) -> list[Rule]:
             chain, _, spec = line[3:].partition(" ")
             if not table:
                 raise RuleSyntaxError(f"rule outside a table in iptables-save output: {line!r}")
-            if is_tagged(spec):
-                found.append(Rule(family, table, chain, spec))
+            found.append(Rule(family, table, chain, spec))
     return found
 
 

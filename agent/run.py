@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 import psutil
 
 from agent.cgroup import Cgroup, gomemlimit_for
-from agent.config import ConfigError, IPAddress, Settings, parse_host_port
+from agent.config import ConfigError, IPAddress, Settings
 from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
 from agent.corefile import HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
 from agent.events import ApiConfigMap, ConfigChanged, Event
@@ -52,6 +52,7 @@ class CorefileFiles:
         self.settings = settings
         self.builder = CorefileBuilder(settings, api_cluster_dns_ip=api_cluster_dns_ip)
         self.health_url: str | None = None
+        self.metrics_url: str | None = None  # CoreDNS's prometheus listener, served again on the agent's port
         self._watchers: list[DirectoryWatcher | ApiConfigMapWatcher] = []
 
     def render(self, api_data: Mapping[str, str] | None) -> str:
@@ -60,6 +61,7 @@ class CorefileFiles:
             kubedns = parse_kubedns(api_data) if api_data is not None else KubeDnsConfig()
         rendered = self.builder.build(kubedns)
         self.health_url = rendered.endpoints.health_url
+        self.metrics_url = rendered.endpoints.metrics_url
         return without_reload_plugin(rendered.text)
 
     def write(self, text: str) -> bool:
@@ -100,9 +102,11 @@ class CorefileFiles:
 
 
 def coredns_launcher(
-    settings: Settings, cgroup: Cgroup | None
+    settings: Settings, cgroup: Cgroup | None, metrics: Metrics | None = None
 ) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
-    argv = [settings.coredns_binary, "-conf", str(settings.corefile)]
+    argv = [settings.coredns_binary, "-conf", str(settings.corefile), "-dns.port", str(settings.dns_port)]
+    if settings.quiet:
+        argv.append("-quiet")
     if settings.pidfile is not None:
         argv += ["-pidfile", str(settings.pidfile)]
     env = dict(os.environ)
@@ -111,7 +115,8 @@ def coredns_launcher(
         env["GOMEMLIMIT"] = limit
         log.info("coredns memory limit", gomemlimit=limit, cause="the container's memory limit")
     full = with_parent_death_signal(argv)
-    return lambda post: CoreDnsProcess(full, post, env)
+    dropped = metrics.coredns_output_dropped.inc if metrics is not None else None
+    return lambda post: CoreDnsProcess(full, post, env, settings.coredns_logs, dropped)
 
 
 def kill_orphans(settings: Settings) -> None:
@@ -144,14 +149,14 @@ def run_agent(settings: Settings) -> int:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
     metrics = Metrics()
-    server = _serve_metrics(settings, metrics)
     try:
-        try:
-            supervisor = build_supervisor(settings, metrics)
-        except Exception as exc:  # nothing is installed yet: say why, exit non-zero, be restarted
-            log.error("agent failed", cause=f"unexpected error at start: {type(exc).__name__}: {exc}",
-                      traceback=traceback.format_exc())  # fmt: skip
-            return EXIT_FAILED
+        supervisor, corefile = build_supervisor(settings, metrics)
+    except Exception as exc:  # nothing is installed yet: say why, exit non-zero, be restarted
+        log.error("agent failed", cause=f"unexpected error at start: {type(exc).__name__}: {exc}",
+                  traceback=traceback.format_exc())  # fmt: skip
+        return EXIT_FAILED
+    server = _serve_metrics(settings, metrics, lambda: corefile.metrics_url)
+    try:
         supervisor.install_signal_handlers()
         return supervisor.run()
     finally:
@@ -160,7 +165,7 @@ def run_agent(settings: Settings) -> int:
             server.server_close()
 
 
-def build_supervisor(settings: Settings, metrics: Metrics) -> Supervisor:
+def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, CorefileFiles]:
     """The real parts, wired. Nothing here changes the node: that starts in :meth:`Supervisor.run`."""
     from agent.network import NodeNetwork
     from agent.sdnotify import Notifier
@@ -170,11 +175,11 @@ def build_supervisor(settings: Settings, metrics: Metrics) -> Supervisor:
     cgroup = Cgroup.of()  # for GOMEMLIMIT, and to tell an OOM kill from another SIGKILL
     corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))
     stop = StopFlag()
-    return Supervisor(
+    supervisor = Supervisor(
         settings=settings,
         network=NodeNetwork(settings, metrics, stop),
         corefile=corefile,
-        launcher=coredns_launcher(settings, cgroup),
+        launcher=coredns_launcher(settings, cgroup, metrics),
         probe_settings=ProbeSettings(
             settings.require_local_ips(),
             settings.dns_port,
@@ -188,16 +193,17 @@ def build_supervisor(settings: Settings, metrics: Metrics) -> Supervisor:
         cgroup=cgroup,
         stop=stop,
     )
+    return supervisor, corefile
 
 
-def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer | None:
-    from prometheus_client import start_http_server
+def _serve_metrics(
+    settings: Settings, metrics: Metrics, coredns_url: Callable[[], str | None]
+) -> WSGIServer | None:
+    from agent.metrics_http import serve_metrics
 
-    host, port = parse_host_port(settings.metrics_listen_address, "-metrics-listen-address")
     try:
-        server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.registry)
+        return serve_metrics(settings.metrics_listen_address, metrics, coredns_url)
     except OSError as exc:
         # DNS matters more than metrics: report and run on without them.
-        log.error("metrics not served", address=settings.metrics_listen_address, error=exc.strerror)
+        log.error("metrics not served", address=settings.metrics_listen_address, error=str(exc))
         return None
-    return server

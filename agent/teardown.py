@@ -17,7 +17,8 @@ from agent.config import Settings
 from agent.interface import Interface, InterfaceError
 from agent.logs import get_logger, setup_logging
 from agent.metrics import Metrics
-from agent.packetfilter import remove_tagged_rules
+from agent.packetfilter import remove_node_cache_rules, remove_tagged_rules
+from agent.rules import node_cache_rules
 from agent.stopflag import Abort
 from agent.xtables import MODES, PacketFilterError, Xtables, XtablesUnavailableError
 
@@ -33,7 +34,9 @@ def remove_leftover_rules(
     backends: Sequence[Xtables] | None = None,
 ) -> list[str]:
     """Remove every rule carrying the agent's tag, in both backends and both families, e.g. those of a run
-    that was killed (SIGKILL, OOM) before it could clean up. Call at start, before installing.
+    that was killed (SIGKILL, OOM) before it could clean up; and node-cache's rule set for the configured
+    addresses and ports, which node-cache leaves behind in the same cases (and with a 0 s grace period or
+    -skipteardown): ungated, those rules would defeat the kernel gate. Call at start, before installing.
 
     Raises PacketFilterError (XtablesLockError when the lock stayed busy past ``deadline``)."""
     if not settings.setup_iptables:
@@ -42,15 +45,32 @@ def remove_leftover_rules(
         deadline = time.monotonic() + 2 * (2 * max(1.0, settings.xtables_wait) + 1.0)
     if backends is None:
         backends = [Xtables(mode, settings.xtables_lock, settings.xtables_wait) for mode in MODES]
+    node_cache = node_cache_rules(
+        settings.local_ips, dns_port=settings.dns_port, health_port=settings.health_port
+    )
     changes: list[str] = []
     for xtables in backends:
         mode = xtables.mode
         try:
-            changes += remove_tagged_rules(xtables, metrics, deadline=deadline, abort=abort)
+            ours = remove_tagged_rules(xtables, metrics, deadline=deadline, abort=abort)
+            if ours:
+                log.warning("removed leftover rules", cause="an earlier run did not clean up", mode=mode,
+                            changes=ours)  # fmt: skip
+            theirs = remove_node_cache_rules(xtables, metrics, node_cache, deadline=deadline, abort=abort)
         except XtablesUnavailableError as exc:
             log.debug("backend not available, nothing to clean there", mode=mode, error=str(exc))
-    if changes:
-        log.warning("removed leftover rules", cause="an earlier run did not clean up", changes=changes)
+            continue
+        if theirs:
+            metrics.node_cache_rules_removed.inc(len(theirs))
+            log.warning(
+                "node-cache rules removed",
+                cause="left behind by node-cache (killed, OOM-killed, a 0 s grace period or -skipteardown); "
+                "ungated, they would send pod queries to a dead cache",
+                mode=mode,
+                removed=len(theirs),
+                changes=theirs,
+            )
+        changes += ours + theirs
     return changes
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the wheel the image installs, installed the way image/Dockerfile does it: every dependency
 # built as a wheel first, then an offline install into a throwaway virtual environment. `agent --version`
-# must then print this agent's version and the pinned CoreDNS release, and the wheel must hold every file
+# must then print the pinned CoreDNS release and this agent's version, and the wheel must hold every file
 # of the agent package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,10 +40,10 @@ installed="$(cd "$work" && venv/bin/python -c 'import agent; print(agent.__file_
 case "$installed" in "$work/venv/"*) ;; *) fail "agent imported from $installed, not from the wheel" ;; esac
 out="$(cd "$work" && venv/bin/agent --version)"
 version="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' agent/__init__.py)"
-want="node-local-dns-agent ${version}
-CoreDNS-$(sed 's/^v//' image/coredns.version)"
-[ "$out" = "$want" ] || fail "agent --version printed:
+# CoreDNS's own -version output first (node-cache's -version is CoreDNS's), the agent's line last.
+want_first="CoreDNS-$(sed 's/^v//' image/coredns.version)"
+want_last="node-local-dns-agent ${version}"
+[ "$(head -1 <<<"$out")" = "$want_first" ] && [ "$(tail -1 <<<"$out")" = "$want_last" ] || fail "agent --version printed:
 $out
-expected:
-$want"
+expected $want_first first and $want_last last"
 printf 'wheel-smoke: ok, %s installed with its dependencies; agent --version: %s\n' "$(basename "$wheel")" "${out//$'\n'/, }"

@@ -72,6 +72,20 @@ class Load:
         return self._out
 
 
+def kill_coredns_under_load(
+    box: sb.Sandbox, agent: AgentProcess, *, rate: float, duration: float, kill_at: float = 2.0
+) -> tuple[int, dict[str, object]]:
+    """SIGKILL the agent's CoreDNS ``kill_at`` seconds into a pod's load; its pid and the load's summary."""
+    coredns = agent.coredns_pid()
+    assert coredns is not None, agent.tail()
+    load = Load(box, rate=rate, duration=duration)
+    time.sleep(kill_at)
+    os.kill(coredns, signal.SIGKILL)
+    result = load.result()
+    assert result["sent"] == int(rate * duration), result
+    return coredns, result
+
+
 class AgentProcess:
     """``python -m agent`` in the node namespace with the sandbox's addresses; JSON logs to a file."""
 
@@ -85,8 +99,13 @@ class AgentProcess:
         env: Mapping[str, str] | None = None,
         cgroup: Path | None = None,
         fault: str | None = None,
+        relay: bool = False,
     ) -> None:
+        """``relay``: the agent's stdout is a pipe to a ``cat`` that appends to the log (``self.relay``), so a
+        test can stall the reader of the agent's output (SIGSTOP) as a slow log pipeline would."""
         self.box = box
+        self.relay: subprocess.Popen[bytes] | None = None
+        self._relay_wanted = relay
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         if fault is not None:  # see tests/faultinject/sitecustomize.py
             self.env["PYTHONPATH"] += f"{os.pathsep}{REPO / 'tests' / 'faultinject'}"
@@ -129,9 +148,14 @@ class AgentProcess:
             # Enter the cgroup first, then exec: the agent's pid stays this one.
             argv = ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
         with self.log_path.open("ab") as log:
+            if self._relay_wanted:
+                self.relay = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
+            out = self.relay.stdin if self.relay is not None else log
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env
             )
+        if self.relay is not None and self.relay.stdin is not None:
+            self.relay.stdin.close()  # the agent holds the pipe now
         return self
 
     def wait_serving(self, timeout: float = 20.0) -> None:
@@ -183,11 +207,15 @@ class AgentProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        if self.relay is not None:
+            self.relay.send_signal(signal.SIGCONT)
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 self.stop()
         with contextlib.suppress(ProcessLookupError):
             self.kill()
+        if self.relay is not None:
+            self.relay.wait(timeout=5)
 
     # Observing ---------------------------------------------------------------------------------------
     def status(self) -> dict[str, object]:
@@ -219,9 +247,7 @@ class AgentProcess:
             return "(no log)"
 
     def metrics(self) -> str:
-        url = f"http://{METRICS_ADDRESS}/metrics"
-        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=2).read().decode())"
-        return self.box.exec(self.box.node, [sys.executable, "-c", code])
+        return self.box.http_get(self.box.node, f"http://{METRICS_ADDRESS}/metrics")
 
     def write_kubedns(self, data: dict[str, str]) -> None:
         """Update the kube-dns ConfigMap directory the way the kubelet does (a ``..data`` symlink swap)."""

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -250,6 +251,42 @@ class Sandbox:
             if not line.startswith("#")
         )
 
+    def install_node_cache_rules(
+        self, addresses: Sequence[str], *, dns_port: int = 53, health_port: int = 8080
+    ) -> None:
+        """node-cache's rule set for ``addresses``, written as node-cache writes it: one ``iptables -I`` per
+        rule (kubernetes' iptables util, ``EnsureRule(Prepend, …)``), the arguments in its order. The rule
+        specs are facts from kubernetes-sigs/node-local-dns cmd/node-cache/app/cache_app.go (initIptables)."""
+        skip, allow = "NodeLocal DNS Cache: skip conntrack", "NodeLocal DNS Cache: allow DNS traffic"
+        dns, health = str(dns_port), str(health_port)
+        # (table, chain, protocol, address match, port match, port, target, comment), in node-cache's order.
+        shapes = [
+            shape
+            for proto in ("tcp", "udp")
+            for shape in (
+                ("raw", "PREROUTING", proto, "-d", "--dport", dns, "NOTRACK", skip),
+                ("filter", "INPUT", proto, "-d", "--dport", dns, "ACCEPT", allow),
+                ("raw", "OUTPUT", proto, "-s", "--sport", dns, "NOTRACK", skip),
+                ("filter", "OUTPUT", proto, "-s", "--sport", dns, "ACCEPT", allow),
+                ("raw", "OUTPUT", proto, "-d", "--dport", dns, "NOTRACK", skip),
+            )
+        ]
+        shapes += [
+            ("raw", "OUTPUT", "tcp", "-d", "--dport", health, "NOTRACK", skip),
+            ("raw", "OUTPUT", "tcp", "-s", "--sport", health, "NOTRACK", skip),
+        ]
+        for address in addresses:
+            iptables = self.iptables(6 if ":" in address else 4)
+            for table, chain, proto, where, port_match, port, target, comment in shapes:
+                args = ["-p", proto, where, address, port_match, port, "-j", target, "-m", "comment",
+                        "--comment", comment]  # fmt: skip
+                self.exec(self.node, [iptables, "-w", "5", "-t", table, "-I", chain, *args])
+
+    def http_get(self, ns: str, url: str, *, timeout: float = 2.0) -> str:
+        """The body of a GET of ``url`` from inside ``ns`` (loopback or sandbox addresses only)."""
+        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout={timeout}).read().decode())"
+        return self.exec(ns, [sys.executable, "-c", code])
+
     def conntrack(self, *args: str) -> str:
         """``conntrack -L`` in the node, with filter arguments such as ``-p udp --orig-dst 10.96.0.10``."""
         return self.exec(self.node, ["conntrack", "-L", *args], check=False)
@@ -431,9 +468,9 @@ class Sandbox:
         raise SandboxError(f"{server} did not answer {name} from {ns} within {timeout}s")
 
     def dig(self, ns: str, server: str, name: str, rtype: str = "A", *, tcp: bool = False,
-            check: bool = True) -> str:  # fmt: skip
+            check: bool = True, port: int = 53) -> str:  # fmt: skip
         """``dig +short`` from ``ns``; one try, one second. No answer (or a failure) gives ""."""
-        argv = ["dig", f"@{server}", name, rtype, "+short", "+time=1", "+tries=1"]
+        argv = ["dig", f"@{server}", "-p", str(port), name, rtype, "+short", "+time=1", "+tries=1"]
         if tcp:
             argv.append("+tcp")
         out = self.exec(ns, argv, check=check)

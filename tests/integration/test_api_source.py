@@ -198,7 +198,7 @@ def test_print_corefile_reads_the_configmap_through_the_api(
     monkeypatch.delenv("KUBE_DNS_UPSTREAM_SERVICE_HOST", raising=False)
     template = Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base"
     argv = ["--print-corefile", "-localip", "169.254.20.10", "-basecorefile", str(template),
-            "--kubedns-configmap-api", f"{NS}/{NAME}",
+            "--kubedns-configmap-api", f"{NS}/{NAME}", "-upstreamsvc", "kube-dns-upstream",
             "--kubeconfig", str(tmp_path / "kubeconfig")]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out

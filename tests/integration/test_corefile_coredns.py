@@ -193,7 +193,7 @@ __PILLAR__DNS__DOMAIN__:53 {
 """
 
 
-def test_a_node_cache_template_without_the_probe_zone_still_answers_the_probe(
+def test_the_upstream_configmap_without_probe_zone_or_ready_still_answers_both_probes(
     lab: CorednsLab, base_settings: Settings, tmp_path: Path
 ) -> None:
     template = tmp_path / "Corefile.base"
@@ -203,7 +203,9 @@ def test_a_node_cache_template_without_the_probe_zone_still_answers_the_probe(
         assert lab.dig(LOCAL_IP6, SERVICE) == "10.96.10.20"
         assert rendered.endpoints.health_url == f"http://{LOCAL_IP}:8080/health"
         assert lab.http_get(rendered.endpoints.health_url) == "OK"
-        assert rendered.endpoints.ready_url is None
+        # The readiness probe's /ready, which the upstream ConfigMap lacks, is added by the agent.
+        assert rendered.endpoints.ready_url == f"http://{LOCAL_IP}:8181/ready"
+        assert lab.http_get(rendered.endpoints.ready_url) == "OK"
 
 
 # Property: whatever the ConfigMap holds, either it is rejected with a message naming the key, or CoreDNS

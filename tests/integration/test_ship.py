@@ -5,8 +5,10 @@ the DaemonSet's readiness probe."""
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import yaml
 
 from tests import sandbox as sb
-from tests.agentproc import http_status
+from tests.agentproc import REPO, http_status
 from tests.unit.test_manifest import LOCALDNS, run_sed
 from tests.unit.test_systemd_unit import UNIT, load_unit
 from tests.waiting import poll
@@ -122,16 +124,26 @@ def test_without_net_bind_service_coredns_cannot_serve_port_53(netns: str, tmp_p
 
 
 def test_the_configmap_corefile_serves_and_answers_the_readiness_probe(tmp_path: Path) -> None:
-    """The manifest's Corefile after the iptables-mode sed, with what the agent fills in, in real CoreDNS."""
+    """The manifest's Corefile after the iptables-mode sed, rendered by the agent with the DaemonSet's args
+    (it adds the `ready` the ConfigMap lacks), in real CoreDNS."""
     text = run_sed("iptables", tmp_path)
     docs = {d["kind"]: d for d in yaml.safe_load_all(text) if d and d["kind"] in {"ConfigMap", "DaemonSet"}}
-    probe = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    container = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    probe = container["readinessProbe"]["httpGet"]
     with sb.Sandbox(flavour="nft") as box:
-        corefile = (
-            docs["ConfigMap"]["data"]["Corefile"]
-            .replace("__PILLAR__CLUSTER__DNS__", sb.KUBE_DNS_UPSTREAM_IP)
-            .replace("__PILLAR__UPSTREAM__SERVERS__", box.kube_dns_pod_ip)
-        )
+        base, resolv = box.workdir / "Corefile.base", box.workdir / "resolv.conf"
+        base.write_text(docs["ConfigMap"]["data"]["Corefile"])
+        resolv.write_text(f"nameserver {box.kube_dns_pod_ip}\n")
+        render = [sys.executable, "-m", "agent", "--print-corefile", *container["args"],
+                  "-basecorefile", str(base), "--resolv-conf", str(resolv)]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "KUBE_DNS_UPSTREAM_SERVICE_HOST": sb.KUBE_DNS_UPSTREAM_IP,
+        }
+        corefile = subprocess.run(
+            render, capture_output=True, text=True, env=env, check=True, timeout=30
+        ).stdout
         (box.workdir / "Corefile.nodelocal").write_text(corefile)
         box.exec(box.node, ["ip", "link", "add", "nodelocaldns", "type", "bridge"])
         for ip in (LOCALDNS, KUBE_DNS_CLUSTER_IP):

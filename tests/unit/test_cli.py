@@ -40,8 +40,18 @@ def test_readable_long_forms_mean_the_same() -> None:
     assert short == long
 
 
+def test_coredns_flags_and_the_next_releases_flags_are_accepted() -> None:
+    _, s = parse([
+        "-localip", "169.254.20.10", "-dns.port=5353", "-quiet", "-metrics-listen-address", "localhost:9353",
+        "-prometheus-listen-address", "[::1]:9253",
+    ])  # fmt: skip
+    assert (s.dns_port, s.quiet, s.metrics_listen_address) == (5353, True, "localhost:9353")
+    assert s.prometheus_listen_address == "[::1]:9253"
+
+
 def test_defaults_are_node_caches() -> None:
     s = Settings()
+    assert (s.upstream_svc, s.prometheus_listen_address, s.quiet) == ("kube-dns", ":9253", False)
     assert (s.interface_name, s.metrics_listen_address, s.health_port, s.dns_port) == (
         "nodelocaldns", "0.0.0.0:9353", 8080, 53,
     )  # fmt: skip
@@ -61,7 +71,14 @@ def test_defaults_are_node_caches() -> None:
         (["-health-port", "70000"], "-health-port: 70000 is not a port number"),
         (["-metrics-listen-address", "9353"], "'9353' is not HOST:PORT"),
         (["-localip", "169.254.20.10,169.254.20.10"], "duplicate address"),
-        (["-nosuchflag"], "unrecognized arguments: -nosuchflag"),
+        (["-nosuchflag"], "agent: flag provided but not defined: -nosuchflag\n"),
+        # Exact names only: no prefix of a flag is taken for it (argparse would read -pidfile 5353).
+        (["-p", "5353"], "agent: flag provided but not defined: -p\n"),
+        (["-local", "169.254.20.10"], "agent: flag provided but not defined: -local\n"),
+        (["-pidf", "/tmp/x.pid"], "agent: flag provided but not defined: -pidf\n"),
+        (["--upstream", "kube-dns"], "agent: flag provided but not defined: --upstream\n"),
+        (["-localip", "169.254.20.10", "extra"], "agent: unexpected argument 'extra'"),
+        (["-metrics-listen-address", "bad_host:9353"], "'bad_host' is neither an IP address nor a host name"),
         (["--iptables-mode", "ebpf"], "invalid choice: 'ebpf'"),
     ],
 )

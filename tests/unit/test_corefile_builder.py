@@ -43,8 +43,9 @@ def settings(tmp_path: Path) -> Settings:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 10.0.0.53\n")
     return Settings(
-        local_ips=(LOCAL,), base_corefile=TEMPLATE, resolv_conf=resolv, corefile=tmp_path / "Corefile"
-    )
+        local_ips=(LOCAL,), base_corefile=TEMPLATE, resolv_conf=resolv, corefile=tmp_path / "Corefile",
+        upstream_svc="kube-dns-upstream",
+    )  # fmt: skip
 
 
 def builder(settings: Settings, **kw: Any) -> CorefileBuilder:
@@ -76,6 +77,27 @@ def test_a_bad_service_host_variable_is_named(settings: Settings) -> None:
         CorefileError, match=r"^KUBE_DNS_UPSTREAM_SERVICE_HOST: 'kube-dns' is not an IP address"
     ):
         builder(settings, environ={"KUBE_DNS_UPSTREAM_SERVICE_HOST": "kube-dns"}).build()
+
+
+def test_upstreamsvc_defaults_to_kube_dns_as_in_node_cache(settings: Settings) -> None:
+    ipvs = replace(settings, upstream_svc=Settings.upstream_svc)
+    assert Settings.upstream_svc == "kube-dns"
+    b = builder(
+        ipvs, environ={"KUBE_DNS_SERVICE_HOST": "10.96.0.10", "KUBE_DNS_UPSTREAM_SERVICE_HOST": "10.96.0.11"}
+    )
+    assert "forward . 10.96.0.10 {" in b.build().text  # IPVS mode: the cache does not hold the ClusterIP
+
+
+def test_a_cluster_dns_ip_that_is_a_local_address_is_refused_as_a_loop(settings: Settings) -> None:
+    iptables_mode = replace(
+        settings, upstream_svc="kube-dns", local_ips=(LOCAL, ipaddress.ip_address("10.96.0.10"))
+    )
+    loop = (
+        r"^-upstreamsvc kube-dns \(KUBE_DNS_SERVICE_HOST\): 10.96.0.10 is one of -localip, so forwarding the "
+        r"cluster domain to it would loop back to this cache; pass -upstreamsvc kube-dns-upstream"
+    )
+    with pytest.raises(CorefileError, match=loop):
+        builder(iptables_mode, environ={"KUBE_DNS_SERVICE_HOST": "10.96.0.10"}).build()
 
 
 def test_service_host_variable_is_the_kubelets_name() -> None:
@@ -188,6 +210,7 @@ def print_corefile(
     return main([
         "--print-corefile", "-localip", ",".join(local_ips), "-basecorefile", str(TEMPLATE),
         "-kubednscm", str(directory), "--resolv-conf", str(settings.resolv_conf),
+        "-upstreamsvc", "kube-dns-upstream",
     ])  # fmt: skip
 
 

@@ -58,7 +58,9 @@ def test_no_configmap_forwards_the_cluster_zones_over_tcp_and_the_rest_to_resolv
     assert "success 9984 30" in block(text, "cluster.local:53")
     assert "denial 9984 5" in block(text, "cluster.local:53")
     assert "health 169.254.20.10:8080" in block(text, "cluster.local:53")
-    assert "ready 169.254.20.10:8181" in block(text, "cluster.local:53")
+    assert "ready 169.254.20.10:8181" in block(
+        text, "health.node-local-dns:53"
+    )  # added: the template has none
     assert "__PILLAR__" not in "\n".join(line.split("#")[0] for line in text.splitlines())
 
 
@@ -149,12 +151,14 @@ def test_the_probe_zone_is_added_when_the_template_lacks_it_and_kept_once_when_i
 
 def test_endpoints_come_from_the_rendered_corefile() -> None:
     assert probe_endpoints(rendered()) == ProbeEndpoints(
-        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready"
-    )
-    defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n}\n"
+        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready",
+        metrics_url="http://127.0.0.1:9253/metrics",  # `prometheus :9253` listens on loopback too
+    )  # fmt: skip
+    defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n    prometheus\n}\n"
     assert probe_endpoints(defaults) == ProbeEndpoints(
-        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready"
-    )
+        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready",
+        metrics_url="http://localhost:9153/metrics",
+    )  # fmt: skip
     assert probe_endpoints(".:53 {\n    whoami\n}\n") == ProbeEndpoints(None, None)
 
 
@@ -176,7 +180,8 @@ def test_stub_order_in_the_configmap_does_not_change_the_output(stubs: dict[str,
     backward = rendered(data={"stubDomains": json.dumps(dict(reversed(stubs.items())))})
     assert forward == backward
     zones = [zone for b in server_blocks(forward) for zone, _ in b.zones]
-    assert sorted(zones[5:]) == zones[5:] == sorted(stubs)
+    assert sorted(zones[4:-1]) == zones[4:-1] == sorted(stubs)
+    assert zones[-1] == "health.node-local-dns"
 
 
 def _first_line_with(text: str) -> int:
@@ -253,3 +258,33 @@ def test_an_upstream_that_is_the_cache_itself_is_refused() -> None:
             TEMPLATE, local_ips=LOCAL, cluster_dns_ip=CLUSTER_DNS, cluster_domain="cluster.local",
             dns_port=53, health_port=8080, kubedns=KubeDnsConfig(upstream_nameservers=("10.96.0.10",)),
         )  # fmt: skip
+
+
+def ready_lines(text: str) -> list[tuple[str, str]]:
+    return [(key, args[0]) for b in server_blocks(text) for key, args in b.directives if key == "ready"]
+
+
+NO_READY = ".:53 {\n    bind __PILLAR__LOCAL__DNS__\n    health __PILLAR__LOCAL__DNS__:8080\n}\n"
+
+
+def test_ready_is_added_once_on_the_first_local_address_when_the_template_has_none() -> None:
+    text = rendered(NO_READY)
+    assert ready_lines(text) == [("ready", "169.254.20.10:8181")]
+    assert probe_endpoints(text).ready_url == "http://169.254.20.10:8181/ready"
+    v6 = rendered(NO_READY, local_ips=(ipaddress.ip_address("fd00::10"),))
+    assert ready_lines(v6) == [("ready", "[fd00::10]:8181")]
+
+
+def test_a_template_with_its_own_ready_keeps_it_and_gets_no_second_one() -> None:
+    own = NO_READY.replace("    health", "    ready 127.0.0.1:8282\n    health")
+    assert ready_lines(rendered(own)) == [("ready", "127.0.0.1:8282")]
+
+
+def test_a_template_with_the_probe_zone_but_no_ready_gets_a_ready_block_of_its_own() -> None:
+    probe_only = NO_READY + (
+        "health.node-local-dns:53 {\n    bind __PILLAR__LOCAL__DNS__\n"
+        '    template IN A health.node-local-dns {\n        answer "{{ .Name }} 0 IN A 127.0.0.1"\n    }\n}\n'
+    )
+    text = rendered(probe_only)
+    assert ready_lines(text) == [("ready", "169.254.20.10:8181")]
+    assert "ready 169.254.20.10:8181" in block(text, "ready.node-local-dns:53")

@@ -19,6 +19,8 @@ import yaml
 from agent import __version__
 from agent.cli import parse
 from agent.config import Settings
+from agent.corefile import CorefileBuilder, server_blocks
+from agent.kubedns import KubeDnsConfig
 from agent.supervisor import Timing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,11 +163,37 @@ def test_liveness_is_agent_check_and_outlasts_its_staleness_limit(
     assert probe["timeoutSeconds"] >= 2
 
 
-def test_readiness_asks_coredns_ready_on_the_local_address(deployed: dict[str, dict[str, Any]]) -> None:
+def test_readiness_asks_the_ready_the_agent_adds_on_the_local_address(
+    deployed: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     get = container(deployed)["readinessProbe"]["httpGet"]
-    ready_lines = re.findall(r"^\s*ready (\S+)$", corefile(deployed), re.MULTILINE)
+    assert not re.findall(r"^\s*ready\b", corefile(deployed), re.MULTILINE)  # the ConfigMap has none
+    template = tmp_path / "Corefile.base"
+    template.write_text(corefile(deployed))
+    _, settings = parse([*container(deployed)["args"], "-basecorefile", str(template)])
+    environ = {"KUBE_DNS_UPSTREAM_SERVICE_HOST": "10.96.0.11"}
+    rendered = CorefileBuilder(settings, environ=environ).build(
+        KubeDnsConfig(upstream_nameservers=("10.0.0.53",))
+    )
+    ready_lines = re.findall(r"^\s*ready (\S+)$", rendered.text, re.MULTILINE)
     assert ready_lines == [f"{get['host']}:{get['port']}"]
     assert (get["host"], get["path"]) == (LOCALDNS, "/ready")
+
+
+# The plugins node-cache compiles in (kubernetes-sigs/node-local-dns cmd/node-cache/main.go); `prometheus` is
+# the metrics plugin's directive. Any other directive makes node-cache's CoreDNS refuse the Corefile.
+NODE_CACHE_DIRECTIVES = {
+    "bind", "bufsize", "cache", "debug", "dns64", "errors", "forward", "health", "hosts", "loadbalance",
+    "log", "loop", "prometheus", "pprof", "reload", "rewrite", "template", "timeouts", "trace", "whoami",
+}  # fmt: skip
+
+
+def test_the_configmap_corefile_is_upstreams_and_node_cache_can_run_it(
+    deployed: dict[str, dict[str, Any]],
+) -> None:
+    blocks = server_blocks(corefile(deployed))
+    assert [zone for b in blocks for zone, _ in b.zones] == [DOMAIN, "in-addr.arpa", "ip6.arpa", ""]
+    assert {name for b in blocks for name, _ in b.directives} <= NODE_CACHE_DIRECTIVES
 
 
 def test_the_grace_period_covers_the_bounded_shutdown(deployed: dict[str, dict[str, Any]]) -> None:
@@ -201,6 +229,12 @@ def test_both_metrics_endpoints_are_exposed(deployed: dict[str, dict[str, Any]])
     assert {agent_port, 9253} <= ports
     service = {p["port"] for p in deployed["Service/node-local-dns"]["spec"]["ports"]}
     assert service == {agent_port, 9253}
+    # Annotation-based scraping reaches the port that has everything (the agent's series and CoreDNS's).
+    for annotated in (
+        deployed["Service/node-local-dns"],
+        deployed["DaemonSet/node-local-dns"]["spec"]["template"],
+    ):
+        assert annotated["metadata"]["annotations"]["prometheus.io/port"] == str(agent_port)
 
 
 def test_the_image_is_this_agent_version(deployed: dict[str, dict[str, Any]]) -> None:

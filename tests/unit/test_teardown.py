@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from agent.config import Settings
 from agent.metrics import Metrics
 from agent.teardown import remove_leftover_rules
 from agent.xtables import Xtables, XtablesUnavailableError
-from tests.unit.fakes import FakeIptables
+from tests.unit.fakes import FakeIptables, sample
 
 TAGGED = '-d 10.96.0.10/32 -p udp -m comment --comment "NodeLocal DNS agent: host queries" -j CT --notrack'
 FOREIGN = "-p udp -m udp --dport 53 -j DROP"
@@ -64,3 +65,68 @@ def test_nothing_is_touched_when_the_agent_does_not_manage_rules(tmp_path: Path)
         == []
     )
     assert fake.calls == []
+
+
+NODE_CACHE_V4 = [
+    # As iptables-save prints what node-cache writes (checked against both backends), for 169.254.20.10.
+    ("raw", "PREROUTING", "-d 169.254.20.10/32 -p udp -m udp --dport 53", "skip conntrack", "NOTRACK"),
+    ("raw", "PREROUTING", "-d 169.254.20.10/32 -p tcp -m tcp --dport 53", "skip conntrack", "NOTRACK"),
+    ("filter", "INPUT", "-d 169.254.20.10/32 -p udp -m udp --dport 53", "allow DNS traffic", "ACCEPT"),
+    ("raw", "OUTPUT", "-s 169.254.20.10/32 -p tcp -m tcp --sport 53", "skip conntrack", "NOTRACK"),
+    ("filter", "OUTPUT", "-s 169.254.20.10/32 -p tcp -m tcp --sport 53", "allow DNS traffic", "ACCEPT"),
+    ("raw", "OUTPUT", "-d 169.254.20.10/32 -p udp -m udp --dport 53", "skip conntrack", "NOTRACK"),
+    ("raw", "OUTPUT", "-d 169.254.20.10/32 -p tcp -m tcp --dport 8080", "skip conntrack", "NOTRACK"),
+    ("raw", "OUTPUT", "-s 169.254.20.10/32 -p tcp -m tcp --sport 8080", "skip conntrack", "NOTRACK"),
+]
+NEAR_MISSES = [
+    # Another address, another port, an extra match, another comment: not node-cache's rules for this node.
+    ("raw", "PREROUTING", "-d 169.254.20.11/32 -p udp -m udp --dport 53", "skip conntrack", "NOTRACK"),
+    ("raw", "PREROUTING", "-d 169.254.20.10/32 -p udp -m udp --dport 5353", "skip conntrack", "NOTRACK"),
+    (
+        "raw",
+        "PREROUTING",
+        "-d 169.254.20.10/32 -p udp -m udp --dport 53 -m socket",
+        "skip conntrack",
+        "NOTRACK",
+    ),
+    ("filter", "INPUT", "-d 169.254.20.10/32 -p udp -m udp --dport 53", "allow DNS", "ACCEPT"),
+]
+
+
+def spec(match: str, comment: str, target: str) -> str:
+    return f'{match} -m comment --comment "NodeLocal DNS Cache: {comment}" -j {target}'
+
+
+def test_node_cache_rules_are_removed_in_both_backends_and_families_counted_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    fake = FakeIptables()
+    settings = Settings(local_ips=(ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("fd00::10")))
+    v6 = [(t, c, m.replace("169.254.20.10/32", "fd00::10/128"), k, g) for t, c, m, k, g in NODE_CACHE_V4]
+    for mode in ("legacy", "nft"):
+        for family, rules in ((4, NODE_CACHE_V4), (6, v6)):
+            for table, chain, match, comment, target in [*rules, *NEAR_MISSES]:
+                fake.add_foreign(mode, family, table, chain, spec(match, comment, target))
+    fake.add_foreign("nft", 4, "raw", "PREROUTING", spec(*NODE_CACHE_V4[0][2:]))  # node-cache's duplicates
+    metrics = Metrics()
+    found = backends(fake, tmp_path)
+    for names in ("ip_tables_names", "ip6_tables_names"):
+        (tmp_path / names).write_text("raw\nfilter\n")
+    changes = remove_leftover_rules(settings, metrics, backends=found)
+    assert len(changes) == 2 * 2 * len(NODE_CACHE_V4) + 1
+    assert sample(metrics, "nodelocaldns_agent_node_cache_rules_removed_total") == len(changes)
+    for (mode, family, table), chains in fake.tables.items():
+        left = sorted(s for specs in chains.values() for s in specs)
+        assert left == sorted(spec(m, k, g) for t, _c, m, k, g in NEAR_MISSES if t == table), (mode, family)
+
+
+def test_node_cache_rules_of_other_ports_follow_the_flags(tmp_path: Path) -> None:
+    fake = FakeIptables()
+    settings = Settings(local_ips=(ipaddress.ip_address("169.254.20.10"),), dns_port=5353, health_port=9090)
+    moved = spec("-d 169.254.20.10/32 -p udp -m udp --dport 5353", "skip conntrack", "NOTRACK")
+    health = spec("-s 169.254.20.10/32 -p tcp -m tcp --sport 9090", "skip conntrack", "NOTRACK")
+    default = spec("-d 169.254.20.10/32 -p udp -m udp --dport 53", "skip conntrack", "NOTRACK")
+    for rule in (moved, health, default):
+        fake.add_foreign("nft", 4, "raw", "PREROUTING" if "--dport" in rule else "OUTPUT", rule)
+    assert len(remove_leftover_rules(settings, Metrics(), backends=backends(fake, tmp_path))) == 2
+    assert fake.chain("nft", 4, "raw", "PREROUTING") == [default]

@@ -1,0 +1,51 @@
+"""One metrics port with everything, as node-cache has: the agent's series, its process metrics and CoreDNS's
+current metrics (fetched at scrape time); a failed fetch is a metric of the agent's, never a failed scrape."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+from tests import sandbox as sb
+from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess
+
+
+def sample(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in:\n{text[:2000]}"
+    return float(match.group(1))
+
+
+def test_the_agents_port_serves_coredns_metrics_too_and_survives_a_stopped_coredns() -> None:
+    # A host name, as Go's listener takes it (the node's /etc/hosts resolves it; no DNS is asked).
+    with (
+        sb.Sandbox(flavour="nft") as box,
+        AgentProcess(box, extra=["-metrics-listen-address", "localhost:9353"]) as agent,
+    ):
+        agent.wait_serving()
+        assert box.dig(box.pod(0), sb.KUBE_DNS_IP, SERVICE) == SERVICE_IP
+        text = agent.metrics()
+        assert "coredns_build_info{" in text
+        assert re.search(
+            r'^coredns_dns_requests_total\{.*zone="cluster.local.".*\} [1-9]', text, re.MULTILINE
+        )
+        assert sample(text, "nodelocaldns_agent_process_resident_memory_bytes") > 1 << 20
+        assert 'coredns_nodecache_setup_errors_total{errortype="iptables"} 0.0' in text
+        assert sample(text, "nodelocaldns_agent_coredns_metrics_up") == 1.0
+        types = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
+        assert len(types) == len(set(types)), "a metric family appears twice"
+        coredns = agent.coredns_pid()
+        assert coredns is not None
+        os.kill(coredns, signal.SIGSTOP)  # hung: its listener accepts but never answers
+        try:
+            started = time.monotonic()
+            text = agent.metrics()
+            took = time.monotonic() - started
+        finally:
+            os.kill(coredns, signal.SIGCONT)
+        assert took < 2.0
+        assert sample(text, "nodelocaldns_agent_coredns_metrics_up") == 0.0
+        assert sample(text, "nodelocaldns_agent_coredns_metrics_fetch_failures_total") >= 1
+        assert "coredns_build_info{" not in text and "nodelocaldns_agent_coredns_state{" in text
