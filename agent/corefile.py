@@ -111,8 +111,15 @@ def render(
     lines = template.splitlines()
     if kubedns.upstream_nameservers:
         lines = _without_force_tcp_to_upstreams(lines)
-    out = [_substitute(line, n, local_ips, values) for n, line in enumerate(lines, 1)]
-    body = "\n".join(out).rstrip() + "\n"
+    substituted = [(line, _substitute(line, n, local_ips, values)) for n, line in enumerate(lines, 1)]
+    # A line that was only a comment goes (the template's notes are about placeholders, half of which the
+    # documented sed fills in); so does the `reload` directive (see RELOAD_DIRECTIVE).
+    out = [
+        code
+        for line, code in substituted
+        if (code or not line.strip()) and not RELOAD_DIRECTIVE.fullmatch(code)
+    ]
+    body = "\n".join(out).strip("\n") + "\n"
     blocks = server_blocks(body)
     served = {(zone, port or dns_port) for block in blocks for zone, port in block.zones}
     probe_missing = (HEALTH_PROBE_ZONE, dns_port) not in served
@@ -151,9 +158,10 @@ def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str
 def _substitute(
     line: str, number: int, local_ips: Sequence[IPAddress], values: Mapping[str, str | None]
 ) -> str:
-    """One template line with its placeholders filled in; comments are kept as they are."""
+    """One template line with its placeholders filled in and its comment dropped: the rendered Corefile
+    carries no placeholder, not even in a comment."""
     cut = _comment_start(line, number)
-    code, comment = line[:cut], line[cut:]
+    code = line[:cut]
     # Before ":PORT" only one address fits (health LOCALIP:8080): the first, node-cache's link-local one.
     code = code.replace(f"{LOCAL_DNS}:", f"{_host(local_ips[0])}:")
     code = code.replace(LOCAL_DNS, " ".join(map(str, local_ips)))
@@ -168,7 +176,13 @@ def _substitute(
             f"Corefile template line {number}: unknown placeholder {leftover.group(0)} "
             f"(known: {', '.join(_KNOWN)})"
         )
-    return (code + comment).rstrip()
+    return code.rstrip()
+
+
+# The `reload` plugin and SIGUSR1 do not mix: after a SIGUSR1 reload, the old instance's reload plugin fires,
+# fails ("getting old listener file: use of closed network connection") and counts a failed reload (CoreDNS
+# issue 6263). The agent watches every input and reloads with SIGUSR1 itself, so the directive is dropped.
+RELOAD_DIRECTIVE = re.compile(r"[ \t]*reload(?:[ \t][^{]*)?")
 
 
 _MISSING = {
@@ -435,16 +449,19 @@ class CorefileBuilder:
                 "cluster domain to it would loop back to this cache; pass -upstreamsvc kube-dns-upstream "
                 "(the Service the manifest creates), or --cluster-dns-ip"
             )
-        text = render(
-            template,
-            local_ips=s.require_local_ips(),
-            cluster_dns_ip=cluster_dns_ip,
-            cluster_domain=s.cluster_domain,
-            dns_port=s.dns_port,
-            health_port=s.health_port,
-            kubedns=kubedns,
-            upstream_servers=self.resolv_conf_nameservers() if needs_upstreams else (),
-            prometheus_endpoint=s.prometheus_listen_address,
+        text = (
+            f"# Written by the node-local-dns agent from {s.base_corefile}: edit that, not this file.\n"
+            + render(
+                template,
+                local_ips=s.require_local_ips(),
+                cluster_dns_ip=cluster_dns_ip,
+                cluster_domain=s.cluster_domain,
+                dns_port=s.dns_port,
+                health_port=s.health_port,
+                kubedns=kubedns,
+                upstream_servers=self.resolv_conf_nameservers() if needs_upstreams else (),
+                prometheus_endpoint=s.prometheus_listen_address,
+            )
         )
         return Rendered.of(text)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import sys
 import time
 import traceback
@@ -35,15 +34,6 @@ from agent.supervisor import EXIT_FAILED, Supervisor
 
 log = get_logger("agent")
 
-# The `reload` plugin and SIGUSR1 do not mix: after a SIGUSR1 reload, the old instance's reload plugin fires,
-# fails ("getting old listener file: use of closed network connection") and counts a failed reload (CoreDNS
-# issue 6263). The agent watches every input and reloads with SIGUSR1 itself, so the directive is dropped.
-_RELOAD_DIRECTIVE = re.compile(r"^[ \t]*reload(?:[ \t][^\n{]*)?\n", re.MULTILINE)
-
-
-def without_reload_plugin(corefile: str) -> str:
-    return _RELOAD_DIRECTIVE.sub("", corefile)
-
 
 class CorefileFiles:
     """The Corefile's inputs (template, kube-dns ConfigMap) and its output file, for the supervisor."""
@@ -62,7 +52,7 @@ class CorefileFiles:
         rendered = self.builder.build(kubedns)
         self.health_url = rendered.endpoints.health_url
         self.metrics_url = rendered.endpoints.metrics_url
-        return without_reload_plugin(rendered.text)
+        return rendered.text
 
     def write(self, text: str) -> bool:
         return write_if_changed(self.settings.corefile, text)

@@ -177,3 +177,13 @@ def test_as_pid_1_sigkill_takes_every_process_and_pods_fall_back(box: sb.Sandbox
         assert box.dig(box.pod(0), KUBE_DNS_IP, SERVICE) == SERVICE_IP  # the kernel gate closed
         assert "dport=53" in box.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
     box.exec(box.node, ["ip", "link", "del", "nodelocaldns"], check=False)
+
+
+def test_print_corefile_prints_byte_for_byte_what_the_agent_writes(box: sb.Sandbox) -> None:
+    with AgentProcess(box) as agent:
+        agent.wait_serving()
+        written = (box.workdir / "Corefile").read_text()
+        printed = box.exec(box.node, [*agent.argv, "--print-corefile"])
+    assert printed == written
+    assert "__PILLAR__" not in written and "\n    reload" not in written
+    assert written.startswith("# Written by the node-local-dns agent from ")

@@ -134,9 +134,21 @@ def test_the_cluster_domain_is_configurable() -> None:
     assert "corp.internal:53 {" in text
 
 
-def test_comments_are_kept_and_not_substituted() -> None:
-    text = rendered("# uses __PILLAR__FUTURE__ and __PILLAR__LOCAL__DNS__\n" + TEMPLATE)
-    assert text.startswith("# uses __PILLAR__FUTURE__ and __PILLAR__LOCAL__DNS__\n")
+def test_comments_are_dropped_so_no_placeholder_survives_even_half_substituted() -> None:
+    # What the documented sed leaves of a header comment: one placeholder filled in, others not.
+    header = "# 169.254.20.10 is __PILLAR__LOCAL__DNS__; __PILLAR__FUTURE__ is unknown\n#\n"
+    text = rendered(
+        header + TEMPLATE.replace("    errors\n", "    errors # __PILLAR__DNS__SERVER__ here\n", 1)
+    )
+    assert "__PILLAR__" not in text and "#" not in text
+    assert text.startswith("cluster.local:53 {\n    errors\n")
+
+
+def test_the_reload_directive_is_dropped_in_every_form() -> None:
+    for directive in ("reload", "reload 10s", "reload 30s 15s", "    reload\t"):
+        text = rendered(TEMPLATE.replace("    loop\n", f"    {directive.strip()}\n    loop\n", 1))
+        assert not any(line.split()[:1] == ["reload"] for line in text.splitlines()), directive
+    assert "reloader" in rendered(TEMPLATE.replace("    loop\n", "    loop\n    reloader\n", 1))
 
 
 def test_the_probe_zone_is_added_when_the_template_lacks_it_and_kept_once_when_it_has_it() -> None:
