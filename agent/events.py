@@ -26,6 +26,7 @@ class ProbeResult:
     detail: str
     latency: float  # seconds, the slowest of the round's DNS probes
     silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
+    stopped: bool = False  # silent and its process stopped (SIGSTOP, a tracer): a hang, no need to wait
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,9 @@ class Supervisor:
         if self.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
             return
         self.probe_failures += 1
+        if result.stopped:
+            self._kill_and_fail(f"hung: {result.detail}", "hang")
+            return
         if self.probe_failures == 1:
             log.warning("coredns probe failed", detail=result.detail, state=str(self.state))
         if self.probe_failures >= self.timing.hang_after_failures:

@@ -66,26 +66,29 @@ def test_sigkill_of_coredns_loses_only_in_flight_queries(box: sb.Sandbox, agent:
     assert local_answers(box)
 
 
-def test_sigstop_of_coredns_is_detected_as_a_hang_within_3s(box: sb.Sandbox, agent: AgentProcess) -> None:
+def test_sigstop_of_coredns_is_caught_from_its_process_state_within_half_a_second(
+    box: sb.Sandbox, agent: AgentProcess
+) -> None:
     first = agent.coredns_pid()
     assert first is not None
-    load = Load(box, rate=200, duration=8)
+    load = Load(box, rate=1000, duration=5)
     time.sleep(2)
     stopped_at = time.monotonic()
     os.kill(first, signal.SIGSTOP)
     agent.wait_for(lambda s: s.get("state") == "backoff", 3.5, "backoff after a hang")
     detected = time.monotonic() - stopped_at
     result = load.result()
-    assert detected < 3.0 + 0.5
+    # A look at /proc/PID/stat every 0.1 s, one 0.1 s confirming probe, the kill: about 0.2 s; the bound
+    # leaves room for a loaded machine (three failed rounds, the other path, would take about 2 s).
+    assert detected < 0.6, detected
     # Queries sent while CoreDNS was stopped sat in its socket and die with it; nothing after the kill.
-    assert float(result["longest_gap"]) < 3.5, result
-    assert int(result["failed"]) <= 200 * 3.5, result
+    assert float(result["longest_gap"]) < 0.6, result
+    assert int(result["failed"]) <= 600, result
     failure_times = [float(t) for t in result["failure_times"]]  # type: ignore[union-attr]
-    # The failures form one window, no longer than the detection, and nothing fails after it.
-    assert failure_times and max(failure_times) - min(failure_times) < 3.5, failure_times
+    assert failure_times and max(failure_times) - min(failure_times) < 0.6, failure_times
     agent.wait_serving()
-    assert any(e.get("event") == "coredns state" and str(e.get("cause", "")).startswith("hung")
-               for e in agent.events())  # fmt: skip
+    causes = [str(e.get("cause", "")) for e in agent.events() if e.get("event") == "coredns state"]
+    assert any(c.startswith("hung: process state T (stopped)") for c in causes), causes
 
 
 def test_sigkill_of_agent_and_coredns_together_falls_back_to_kube_dns(

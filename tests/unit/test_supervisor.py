@@ -574,3 +574,12 @@ def test_signal_handlers_only_record_and_the_loop_acts(h: Harness) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_stopped_and_silent_coredns_is_killed_at_once_without_waiting_for_three_rounds(h: Harness) -> None:
+    h.probe(ok=True)
+    pid = h.child.pid
+    detail = "process state T (stopped) and no answer from 169.254.20.10:53 within 0.1s"
+    h.sup.handle(ProbeResult(pid, False, detail, 0.1, silent=True, stopped=True))
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung: process state T")
+    assert f"kill {pid}" in h.calls.log
