@@ -63,6 +63,7 @@ from bench.soakstats import (
     failure_times,
     judge_incarnation,
     per_kind,
+    restart_delay,
     stretches,
     summarize_log,
     verdict,
@@ -94,12 +95,16 @@ class SoakSettings:
 
 
 def plan_for(quick: bool, seed: int, flavour: str) -> PlanSettings:
-    """The quick run restarts the agent after a short life (judged after 4 faults past its warm-up), so
-    2 minutes see a restart; the full run lets each agent live through 20 faults past its warm-up (a few
-    minutes) before a restart may come, so a slow leak has time to show."""
+    """The quick run packs its faults closer (shorter pauses and lock holds) and lets the first agent be
+    judged after 4 faults past its warm-up, so that 2 minutes judge one agent and see a restart even when
+    the agent's restart backoff has grown; the full run lets each agent live through 20 to 40 faults past
+    its warm-up (a few minutes) before a restart, so a slower leak has time to show."""
+    kinds = kinds_for(flavour)
     if quick:
-        return PlanSettings(seed=seed, kinds=kinds_for(flavour), judge_after=4, restart_after=12)
-    return PlanSettings(seed=seed, kinds=kinds_for(flavour), judge_after=20, restart_after=40)
+        return PlanSettings(
+            seed, kinds, gap=(0.5, 2.0), lock_hold=(2.0, 4.0), judge_after=4, restart_after=12
+        )
+    return PlanSettings(seed, kinds, judge_after=20, restart_after=40)
 
 
 @dataclass
@@ -362,7 +367,8 @@ class Soak:
             "late_recovery_s": None if late is None else round(late - injected.at, 3),
             "waiting_for": waiting,
             "lock_released_after_s": None if released is None else round(released - injected.at, 3),
-            "agent_said": self.agent_said(injected),
+            "agent_said": (said := self.agent_said(injected)),
+            "restart_delay_s": restart_delay(said),
             **injected.details,
         }
         self.faults.append(record)
@@ -496,7 +502,7 @@ def log(text: str) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     duration = a.duration if a.duration is not None else (120.0 if a.quick else 1200.0)
-    duration = max(30.0, min(duration, 3 * 3600.0))
+    duration = max(30.0, min(duration, 3 * 3600.0))  # bounded, like every load here
     seed = a.seed if a.seed is not None else secrets.randbelow(2**31)
     print(f"soak: seed {seed} (the same faults again: --seed {seed})", flush=True)
     settings = SoakSettings(

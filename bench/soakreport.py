@@ -35,6 +35,10 @@ RECOVERY_DEFINITION = (
     "`nodelocaldns`; the agent's tagged rules in `iptables-save` are exactly the steady-state set (nothing "
     "missing, nothing extra, no duplicate); and a query from a second pod to the kube-dns ClusterIP is "
     "answered by the local CoreDNS through the socket gate (answered, and no conntrack entry for it). "
+    "*Of which CoreDNS restart delay* is the delay the agent announced before restarting CoreDNS "
+    "(its `coredns state` event, `restarting in …`): its backoff doubles with each failure and is "
+    "forgiven only after a stretch of health, so faults that kill or stop CoreDNS in quick succession "
+    "recover more slowly. "
     "**Queries failed** counts the load's queries sent from a fault's injection until the next injection "
     "(or the end of the load) that got no correct answer within 1 s; *after recovery* is the part sent once "
     "the fault had recovered (it should be 0)."
@@ -43,6 +47,9 @@ RECOVERY_DEFINITION = (
 
 def _mib(kib: float | None) -> str:
     return "—" if kib is None else f"{kib / 1024:.1f}"
+
+
+NONE = {"median": None, "max": None}
 
 
 def _spread(s: Mapping[str, Any], unit: str = "", digits: int = 0) -> str:
@@ -55,9 +62,10 @@ def fault_table(results: Mapping[str, Any]) -> list[str]:
     rows = []
     for kind, k in results["per_kind"].items():
         rows.append([TITLES[kind], str(k["count"]), _spread(k["failed"]), str(k["failed_after_recovery"]),
-                     _spread(k["recover_s"], " s", 2), str(k["unrecovered"])])  # fmt: skip
+                     _spread(k["recover_s"], " s", 2), _spread(k.get("restart_delay_s", NONE), " s", 2),
+                     str(k["unrecovered"])])  # fmt: skip
     header = ["fault", "count", "queries failed (median / max)", "failed after recovery",
-              "time to recover (median / max)", "unrecovered"]  # fmt: skip
+              "time to recover (median / max)", "of which CoreDNS restart delay", "unrecovered"]  # fmt: skip
     return table(header, rows)
 
 
@@ -91,6 +99,16 @@ def agent_table(results: Mapping[str, Any]) -> list[str]:
     return table(header, rows)
 
 
+def _counts_limit(limits: Mapping[str, Any]) -> str:
+    if limits["threads"] == limits["fds"] == 0:
+        return "any growth of threads or open fds from the baseline to the end:"
+    return f"more than {limits['threads']} more threads or {limits['fds']} more open fds at the end:"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} minutes" if seconds % 60 == 0 else f"{seconds:g} s"
+
+
 def _para(*parts: str) -> str:
     return " ".join(p.strip() for p in parts if p.strip())
 
@@ -107,7 +125,7 @@ def render_section(results: Mapping[str, Any]) -> str:
         "## Chaos soak",
         "",
         _para(
-            f"`{meta['command']}` on {meta['date']}: {settings['duration'] / 60:g} minutes at",
+            f"`{meta['command']}` on {meta['date']}: {_duration(settings['duration'])} at",
             f"{settings['rate']:g} queries a second from a pod through the kube-dns ClusterIP,",
             f"{len(results['faults'])} faults at random intervals (seed {meta['seed']},",
             f"iptables-{meta['flavour']}); {m['nproc']} cores, {m['kernel']}, {m['coredns']}.",
@@ -143,13 +161,16 @@ def render_section(results: Mapping[str, Any]) -> str:
             "**The agent process**, read from `/proc/PID/status` and `/proc/PID/fd` at quiet moments (just",
             "before each fault: the previous one has recovered and the pause has passed), each the median",
             "of five readings 50 ms apart. An agent process is compared only with itself, never a restarted",
-            "agent with the one it replaced: *start* is its first quiet moment, *baseline* the median of its",
-            "first three quiet moments after its warm-up (every code path run once: lazy imports, caches and",
-            "first reloads are not leaks), *end* the median of its last three (the last one is just before",
-            "the final SIGTERM, or before the SIGKILL that ended it). A leak is more than",
-            f"{limits['threads']} more threads or {limits['fds']} more open fds at the end than at the",
-            "baseline: a steady agent returns to the same counts after every fault, so any growth is a leak",
-            "and one per fault shows in the quick run. Resident memory moves without leaking (the",
+            "agent with the one it replaced: *start* is its first quiet moment, *baseline* its first three",
+            "quiet moments after its warm-up (every code path run once: lazy imports, caches and first",
+            "reloads are not leaks), *end* its last three (the last one just before the final SIGTERM, or",
+            "before the SIGKILL that ended it). Threads and open fds are compared as the fewest at the end",
+            "against the most at the baseline: the agent reopens its `/health` connection lazily after",
+            "CoreDNS restarts, so a quiet moment can read one fd fewer, while a leak raises every later",
+            "reading. A leak is",
+            _counts_limit(limits),
+            "one more per fault shows even in the quick run. RSS is compared by medians; it moves without",
+            "leaking (the",
             "allocator keeps freed arenas, the interpreter's caches fill), so its limit is a margin: growth",
             f"above {limits['rss_mib']:g} MiB or {limits['rss_fraction']:.0%} of the baseline, whichever is",
             "larger, several times the spread of the quiet moments shown below. It catches a gross leak",

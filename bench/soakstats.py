@@ -6,8 +6,9 @@ Pure functions over plain data (what :mod:`bench.soak` recorded), unit-tested ap
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,19 +81,35 @@ def spread(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def per_kind(faults: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Count, queries failed and time to recover, by fault kind (in ``kinds``' order; absent kinds too)."""
+    """Count, queries failed, time to recover and the CoreDNS restart delays the agent announced, by fault
+    kind (in ``kinds``' order; absent kinds too)."""
     out: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         mine = [f for f in faults if f["kind"] == kind]
         recovered = [f["recovered_after_s"] for f in mine if f["recovered_after_s"] is not None]
+        delays = [f["restart_delay_s"] for f in mine if f.get("restart_delay_s") is not None]
         out[kind] = {
             "count": len(mine),
             "failed": spread([f["failed"] for f in mine]),
             "failed_after_recovery": sum(f["failed_after_recovery"] for f in mine),
             "recover_s": spread(recovered),
             "unrecovered": len(mine) - len(recovered),
+            "restart_delay_s": spread(delays),
         }
     return out
+
+
+_RESTART_DELAY = re.compile(r"restarting in ([0-9.]+)s")
+
+
+def restart_delay(said: Sequence[str]) -> float | None:
+    """The delay before CoreDNS's restart that the agent announced in its first state change to a backoff
+    (``… restarting in 2.00s``), if it announced one: part of a fault's time to recover."""
+    for line in said:
+        m = _RESTART_DELAY.search(line)
+        if m:
+            return float(m.group(1))
+    return None
 
 
 # Leaks ---------------------------------------------------------------------------------------------------
@@ -100,14 +117,16 @@ def per_kind(faults: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> dict[
 class LeakLimits:
     """How much an agent process may grow from its baseline to its end before it counts as a leak.
 
-    Both ends are medians over ``window`` quiet moments, each the median of five readings, so one odd
-    reading is not taken for the agent's state. Threads and file descriptors are counts a steady agent
-    returns to after every fault, so any growth is a leak (one per fault shows even in the quick run).
-    Resident memory moves without leaking (the allocator keeps freed arenas, the interpreter's caches
-    fill), so it gets a margin: ``rss_mib`` or ``rss_fraction`` of the baseline, whichever is larger.
-    Measured when it was set: one agent through 35 faults in 5 minutes went from 43.0 to 44.1 MiB in a few
-    steps, +0.6 MiB over the 27 faults after its warm-up, with threads (14) and fds (19) back to the same
-    counts at every quiet moment but one (18 fds); the report shows each run's spread."""
+    The baseline is its first ``window`` quiet moments after its warm-up, the end its last ``window`` (never
+    overlapping). Threads and open fds are counts a steady agent returns to, give or take what it reopens
+    lazily (its /health connection is closed when CoreDNS dies and opened again at the next 2-second health
+    round, so a quiet moment just after a recovery can read one fd fewer): they are compared as the fewest
+    at the end against the most at the baseline, and any growth is a leak; a leak raises every later
+    reading, so one descriptor per fault still shows in the quick run. Resident memory moves without
+    leaking (the allocator keeps freed arenas, the interpreter's caches fill), so its medians are compared
+    with a margin: ``rss_mib`` or ``rss_fraction`` of the baseline, whichever is larger. Measured when it
+    was set: one agent through 35 faults in 5 minutes went from 43.0 to 44.1 MiB in a few steps, +0.6 MiB
+    over the 27 faults after its warm-up; threads stayed at 14 and fds at 18 or 19 throughout."""
 
     threads: int = 0
     fds: int = 0
@@ -120,23 +139,26 @@ class LeakLimits:
 
 
 FIGURES = ("rss_kib", "threads", "fds")
+COUNTS = ("threads", "fds")
 
 
-def _median_of(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Field by field medians (the lower one of an even count: a figure that was observed)."""
+def _summary(samples: Sequence[Mapping[str, Any]], counts: Callable[[Iterable[int]], int]) -> dict[str, Any]:
+    """One end of the comparison: the median RSS (the lower one of an even count: a figure that was
+    observed) and ``counts`` (min or max) of the threads and fds."""
+    rss = sorted(s["rss_kib"] for s in samples)[(len(samples) - 1) // 2]
     return {
         "t": samples[-1]["t"],
         "faults": samples[-1]["faults"],
-        **{k: sorted(s[k] for s in samples)[(len(samples) - 1) // 2] for k in FIGURES},
+        "rss_kib": rss,
+        **{k: counts(s[k] for s in samples) for k in COUNTS},
     }
 
 
 def judge_incarnation(
     samples: Sequence[Mapping[str, Any]], limits: LeakLimits, min_faults: int
 ) -> dict[str, Any]:
-    """One agent process. Its baseline: the first ``limits.window`` samples taken after its warm-up; its
-    end: its last ``limits.window`` samples (medians of each). Judged when at least ``min_faults`` faults
-    came between its first warmed sample and its last. Returns the figures and the leaks found."""
+    """One agent process, judged when at least ``min_faults`` faults came between its first sample after
+    its warm-up and its last (see :class:`LeakLimits`). Returns the figures and the leaks found."""
     warmed = [s for s in samples if s["warmed"]]
     out: dict[str, Any] = {
         "first": _figures(samples[0]) if samples else None,
@@ -148,10 +170,11 @@ def judge_incarnation(
     }
     if not warmed:
         return out
-    base, end = _median_of(warmed[: limits.window]), _median_of(warmed[-limits.window :])
+    window = max(1, min(limits.window, len(warmed) // 2))
+    base, end = _summary(warmed[:window], max), _summary(warmed[-window:], min)
     out["baseline"], out["end"] = base, end
     out["faults_judged"] = warmed[-1]["faults"] - warmed[0]["faults"]
-    if out["faults_judged"] < min_faults:
+    if out["faults_judged"] < min_faults or len(warmed) < 2:
         return out
     out["judged"] = True
     growth = {k: end[k] - base[k] for k in FIGURES}
