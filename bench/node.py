@@ -118,10 +118,12 @@ class Load:
     CLOCK_MONOTONIC, :meth:`result` its summary (with ``start`` added)."""
 
     def __init__(self, box: sb.Sandbox, ns: str, *, server: str, rate: float, duration: float,
-                 names: str = SERVICE, tag: str = "load") -> None:  # fmt: skip
+                 names: str = SERVICE, tag: str = "load", per_second: bool = False) -> None:  # fmt: skip
         self.duration = duration
         argv = python_in("bench.loadgen", "--server", server, "--rate", f"{rate:g}",
                          "--duration", f"{duration:g}", "--names", names)  # fmt: skip
+        if per_second:
+            argv.append("--per-second")  # see bench.loadgen: one line per second of the load
         self.reader = spawn(box, ns, argv, tag)
 
     def started(self, timeout: float = 15.0) -> float:
@@ -175,9 +177,9 @@ class Node:
 
     # Loads and queries --------------------------------------------------------------------------------
     def load(self, *, rate: float, duration: float, server: str = sb.KUBE_DNS_IP, names: str = SERVICE,
-             ns: str | None = None) -> Load:  # fmt: skip
+             ns: str | None = None, per_second: bool = False) -> Load:  # fmt: skip
         return Load(self.box, ns or self.box.pod(0), server=server, rate=rate, duration=duration, names=names,
-                    tag=f"load-{next(self._names)}")  # fmt: skip
+                    tag=f"load-{next(self._names)}", per_second=per_second)  # fmt: skip
 
     def warm(self, ns: str, server: str, names: list[str]) -> None:
         """One query per name, so the figures that follow are for cached names."""

@@ -31,17 +31,19 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 class MarkerError(ValueError):
-    """The README lacks the bench markers, or has them out of order."""
+    """The README lacks a section's markers, or has them out of order."""
 
 
-def replace_between_markers(text: str, section: str) -> str:
-    """``text`` with everything between the markers replaced by ``section`` (the markers stay)."""
-    begin, end = text.find(BEGIN), text.find(END)
+def replace_between_markers(text: str, section: str, markers: tuple[str, str] = (BEGIN, END)) -> str:
+    """``text`` with everything between the markers (the bench section's by default) replaced by
+    ``section`` (the markers stay)."""
+    first, last = markers
+    begin, end = text.find(first), text.find(last)
     if begin < 0 or end < 0:
-        raise MarkerError(f"no {BEGIN} … {END} markers")
-    if end < begin or text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise MarkerError(f"the markers {BEGIN} and {END} must each appear once, in that order")
-    return text[: begin + len(BEGIN)] + "\n" + section.strip("\n") + "\n" + text[end:]
+        raise MarkerError(f"no {first} … {last} markers")
+    if end < begin or text.count(first) != 1 or text.count(last) != 1:
+        raise MarkerError(f"the markers {first} and {last} must each appear once, in that order")
+    return text[: begin + len(first)] + "\n" + section.strip("\n") + "\n" + text[end:]
 
 
 def fmt(value: Any, unit: str = "", digits: int = 2) -> str:
@@ -64,7 +66,7 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}{TIMES}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -129,7 +131,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         o, b = dp["ours"], dp["no_agent"]
         rows.append(["ratio ours ÷ no local cache"] + [fmt_ratio(ratio(o[k], b[k])) for k in
                      ("qps", "p50_ms", "p99_ms", "p999_ms", "conntrack_per_100k")])  # fmt: skip
-    out += _table(["path", "QPS (max)", "p50", "p99", "p99.9", "tracked by conntrack / 100k queries"], rows)
+    out += table(["path", "QPS (max)", "p50", "p99", "p99.9", "tracked by conntrack / 100k queries"], rows)
     out += [
         "",
         "Conntrack: the queries that went through the node's conntrack table (its per-flow packet counters) "
@@ -156,7 +158,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
                      fmt(b["failed"]), fmt(b["longest_gap_s"], "s", 3),
                      fmt_ratio(ratio(o["failed"], b["failed"])),
                      fmt_ratio(ratio(o["longest_gap_s"], b["longest_gap_s"]))])  # fmt: skip
-    out += _table(["fault", "failed (ours)", "longest gap (ours)", "failed (node-cache)",
+    out += table(["fault", "failed (ours)", "longest gap (ours)", "failed (node-cache)",
                    "longest gap (node-cache)", "ratio failed", "ratio gap"], rows)  # fmt: skip
     out += [
         "",
@@ -186,7 +188,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         ["a new stub domain answers after", fmt(stub, "s", 2),
          f"{model['mean_s']:g} s on average, ≤ {model['max_s']:g} s (modelled)"],
     ]  # fmt: skip
-    out += _table(["figure", "ours", "node-cache"], rows)
+    out += table(["figure", "ours", "node-cache"], rows)
     out += [
         "",
         "node-cache has no process apart from CoreDNS (it is compiled in), so the agent's own figures have "

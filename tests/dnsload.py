@@ -28,12 +28,23 @@ MAX_DURATION = 120.0
 
 @dataclass
 class Outcome:
+    """What became of every query. :func:`run` calls :meth:`begin` once, then :meth:`answer` or :meth:`fail`
+    once per query sent; a subclass can stream the figures instead of keeping them."""
+
     sent: int = 0
     answered: int = 0
     failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     failure_times: list[float] = field(default_factory=list)  # seconds since start, when each query was sent
     answer_times: list[float] = field(default_factory=list)
+    start: float = 0.0  # CLOCK_MONOTONIC when the first query was due
+
+    def begin(self, start: float) -> None:
+        self.start = start
+
+    def answer(self, sent_at: float, answered_at: float) -> None:
+        self.answered += 1
+        self.answer_times.append(answered_at)
 
     def fail(self, sent_at: float, why: str) -> None:
         self.failed += 1
@@ -58,16 +69,20 @@ class Outcome:
         }
 
 
-def run(server: str, port: int, names: list[str], *, rate: float, duration: float, timeout: float) -> Outcome:
-    rate, duration = min(rate, MAX_RATE), min(duration, MAX_DURATION)
+def run(server: str, port: int, names: list[str], *, rate: float, duration: float, timeout: float,
+        outcome: Outcome | None = None, max_duration: float = MAX_DURATION) -> Outcome:  # fmt: skip
+    """Send ``rate`` queries a second for ``duration`` seconds (both capped: ``MAX_RATE``, ``max_duration``),
+    each timing out after ``timeout`` seconds, and record what became of them in ``outcome``."""
+    rate, duration = min(rate, MAX_RATE), min(duration, max_duration)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     sel = selectors.DefaultSelector()
-    outcome = Outcome()
+    outcome = Outcome() if outcome is None else outcome
     pending: dict[socket.socket, tuple[float, int]] = {}
     total = int(rate * duration)
     start = time.monotonic()
+    outcome.begin(start)
     hard_stop = start + duration + timeout + 1.0
     index = 0
     while (index < total or pending) and time.monotonic() < hard_stop:
@@ -105,8 +120,7 @@ def run(server: str, port: int, names: list[str], *, rate: float, duration: floa
                 ok, why = False, f"bad reply: {type(exc).__name__}"
             sock.close()
             if ok:
-                outcome.answered += 1
-                outcome.answer_times.append(time.monotonic() - start)
+                outcome.answer(sent_at, time.monotonic() - start)
             else:
                 outcome.fail(sent_at, why)
         now = time.monotonic()
