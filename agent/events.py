@@ -27,6 +27,8 @@ class ProbeResult:
     latency: float  # seconds, the slowest of the round's DNS probes
     silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
     stopped: bool = False  # silent and its process stopped (SIGSTOP, a tracer): a hang, no need to wait
+    wrong_answer: bool = False  # answered, but not as CoreDNS answers the probe zone (see health.Outcome)
+    at: float = 0.0  # time.monotonic() when the round ended (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class Outcome:
     # No answer at all within the timeout: something holds the socket (the kernel gate is open) but does not
     # answer, so pod queries are being lost. A refused or wrong answer is a failure, not silence.
     silent: bool = False
+    # A DNS answer came, but not the probe zone's: most likely not from the local CoreDNS at all (the probe
+    # rules are gone and kube-proxy sent the probe to kube-dns), which says nothing about CoreDNS's health.
+    wrong_answer: bool = False
 
 
 # RFC 1035 4.1: header (id, flags with RD set, one question), then the question: QNAME, QTYPE A, QCLASS IN.
@@ -106,7 +109,7 @@ def probe_dns(
     rcode, answers = reply[3] & 0x0F, int.from_bytes(reply[6:8], "big")
     if rcode != 0 or not answers:
         text = _RCODES[rcode] if rcode < len(_RCODES) else f"RCODE{rcode}"
-        return Outcome(False, f"{address}:{port} answered {text} for {name}", latency)
+        return Outcome(False, f"{address}:{port} answered {text} for {name}", latency, wrong_answer=True)
     return Outcome(True, "ok", latency)
 
 
@@ -181,9 +184,10 @@ class Prober:
                 stopped = state in STOPPED_STATES
                 self._post(
                     ProbeResult(
-                        self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent, stopped
+                        self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent, stopped,
+                        wrong_answer=outcome.wrong_answer, at=time.monotonic(),
                     )
-                )
+                )  # fmt: skip
                 self._pause(started + self.settings.interval, query)
         finally:
             if health is not None:
@@ -204,7 +208,11 @@ class Prober:
             if not outcome.silent or self._stop.is_set():
                 continue
             detail = f"process state {state} (stopped) and {outcome.detail}"
-            self._post(ProbeResult(self.pid, False, detail, outcome.latency, silent=True, stopped=True))
+            self._post(
+                ProbeResult(
+                    self.pid, False, detail, outcome.latency, silent=True, stopped=True, at=time.monotonic()
+                )
+            )
             return
 
 
@@ -237,7 +245,7 @@ def probe_round(
         )
         slowest = max(slowest, outcome.latency)
         if not outcome.ok:
-            return Outcome(False, outcome.detail, slowest, outcome.silent)
+            return replace(outcome, latency=slowest)
     if health is not None:
         outcome = health.probe()
         if not outcome.ok:

@@ -48,6 +48,7 @@ _MAX_APPLY_ATTEMPTS = 3
 _LOCK_WAITS = 2  # bounded lock waits per operation and family, a short pause between them
 _LOCK_RETRY_PAUSE = 0.2  # seconds
 _RECONCILE_BACKOFF = (1.0, 30.0)  # first and longest pause of reconcile after a failed change, seconds
+RETRY = "retry of a failed change"  # the cause of a reconcile that applies the agent's own pending change
 
 log = get_logger("packetfilter")
 
@@ -270,8 +271,11 @@ class PacketFilter:
                 return []
             if self._converged and now < self._next_full_check and self._unchanged():
                 return []
-        changes = self._converge("reconcile", None)
-        if changes:
+        # After a failed change (the lock was held) the agent's own change is still pending: applying it is
+        # a retry, not a repair of what another program did, and is not counted as one.
+        retry = self._backoff > 0
+        changes = self._converge(RETRY if retry else "reconcile", None)
+        if changes and not retry:
             log.warning("rules restored", cause="changed by another program", changes=changes)
         return changes
 

@@ -186,6 +186,9 @@ class Supervisor:
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue, init=False)
     # Per-child state: set at launch, cleared when that child exits or is replaced.
     probe_failures: int = field(default=0, init=False)
+    wrong_answers: int = field(default=0, init=False)
+    # time.monotonic() when the reconcile last put missing rules back: earlier failed probes are discounted.
+    probe_path_repaired_at: float = field(default=0.0, init=False)
     start_deadline: float | None = field(default=None, init=False)
     oom_kills_at_start: int | None = field(default=None, init=False)
     reload: _Reload | None = field(default=None, init=False)
@@ -323,11 +326,22 @@ class Supervisor:
             return
         self.metrics.probe_latency.observe(result.latency)
         if result.ok:
-            self.probe_failures = 0
+            self.probe_failures = self.wrong_answers = 0
             if self.state is CoreDnsState.STARTING:
                 self._became_healthy()
             return
         self.metrics.probe_failures.labels("health" if "/health" in result.detail else "dns").inc()
+        if 0 < result.at <= self.probe_path_repaired_at:
+            return  # made while the agent's rules were missing (a flush): it says nothing about CoreDNS
+        if result.wrong_answer:
+            # Answered, but not with the probe zone's answer: the probe went elsewhere (its rule gone,
+            # kube-proxy sending it to kube-dns). Killing CoreDNS would not mend that; the rules back do.
+            self.wrong_answers += 1
+            if self.wrong_answers == 1:
+                log.warning("probe answered by something else", detail=result.detail,
+                            cause="the probe's path, not coredns: checking the rules")  # fmt: skip
+            self._reconcile("a probe answered by something other than the local coredns")
+            return
         # While starting, only silence counts: CoreDNS not bound yet is normal (and harmless: pod queries go
         # to kube-dns), but a bound CoreDNS that does not answer swallows pod queries through the open gate.
         if self.state is CoreDnsState.STARTING and not result.silent:
@@ -441,7 +455,7 @@ class Supervisor:
         self._stop_prober()
         self._forget_reload("coredns replaced")
         self.child = None
-        self.probe_failures = 0
+        self.probe_failures = self.wrong_answers = 0
         self.start_deadline = None
         self.reload_when_healthy = None
 
@@ -582,6 +596,7 @@ class Supervisor:
     def _reconcile(self, cause: str) -> None:
         changes = self.network.reconcile()
         if changes:  # the packet filter and the interface count what they restored
+            self.probe_path_repaired_at = time.monotonic()
             log.warning("network restored", cause=cause, changes=changes)
         if self._update_serving():  # a state change logs it with the state; this is the rules' own change
             log.info("serving" if self.serving else "not serving", cause=f"rules checked ({cause})")

@@ -187,3 +187,23 @@ def test_print_corefile_prints_byte_for_byte_what_the_agent_writes(box: sb.Sandb
     assert printed == written
     assert "__PILLAR__" not in written and "\n    reload" not in written
     assert written.startswith("# Written by the node-local-dns agent from ")
+
+
+def test_a_flush_while_the_lock_is_held_does_not_get_a_healthy_coredns_killed() -> None:
+    # The flush takes the agent's probe rules too: its probes to the ClusterIP go through kube-proxy to
+    # kube-dns (NXDOMAIN for the probe zone) while the held lock keeps the agent from putting them back.
+    with sb.Sandbox(flavour="legacy") as box, AgentProcess(box, extra=["--xtables-wait", "1s"]) as agent:
+        agent.wait_serving()
+        coredns = agent.coredns_pid()
+        lock = box.workdir / "xtables.lock"
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            for table in ("raw", "filter"):  # the flush itself under the machine's default lock path
+                box.exec(box.node, ["iptables-legacy", "-t", table, "-F"])
+            time.sleep(3.0)
+        agent.wait_serving(timeout=20)
+        time.sleep(1.5)  # the rounds that queued up meanwhile are handled by now
+        assert agent.coredns_pid() == coredns, agent.tail()
+        causes = [str(e.get("cause")) for e in events_named(agent, "coredns state")]
+        assert not any(c.startswith("hung") for c in causes), causes
+        assert local_answers(box)

@@ -243,6 +243,26 @@ def test_after_a_failure_reconcile_backs_off_then_recovers_once_the_lock_is_free
     assert pf.installed
 
 
+def test_a_host_rule_removal_deferred_by_the_lock_is_a_retry_not_a_repair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeIptables()
+    clock = Clock()
+    pf, metrics = make(fake, proc_net=tmp_path, clock=clock)
+    pf.install(host_rules=True)
+    fake.lock_busy = True  # CoreDNS died while kube-proxy held the lock: the host rules could not come off
+    with pytest.raises(XtablesLockError):
+        pf.set_host_rules(False)
+    fake.lock_busy = False
+    clock.now += 1.0
+    removed = pf.reconcile()
+    assert removed and all("host queries" in change for change in removed)
+    out = capsys.readouterr().out
+    assert "changed by another program" not in out and "retry of a failed change" in out
+    assert sample(metrics, "nodelocaldns_agent_rules_restored_total", what="duplicate") == 0
+    assert sample(metrics, "nodelocaldns_agent_rules_restored_total", what="rule") == 0
+
+
 def test_the_stop_latch_cuts_a_lock_wait_short_and_latches_but_remove_all_still_runs(tmp_path: Path) -> None:
     fake = FakeIptables(lock_busy=True, lock_wait=30.0)
     pf, _ = make(fake, proc_net=tmp_path, xtables_wait=30.0)

@@ -583,3 +583,28 @@ def test_a_stopped_and_silent_coredns_is_killed_at_once_without_waiting_for_thre
     h.sup.handle(ProbeResult(pid, False, detail, 0.1, silent=True, stopped=True))
     assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung: process state T")
     assert f"kill {pid}" in h.calls.log
+
+
+def test_a_probe_answered_by_something_else_checks_the_rules_and_never_kills_coredns(h: Harness) -> None:
+    h.probe(ok=True)
+    nxdomain = "10.96.0.10:53 answered NXDOMAIN for health.node-local-dns."
+    for _ in range(5):  # the probe rules were flushed: kube-proxy sends the probes to kube-dns
+        h.sup.handle(ProbeResult(h.child.pid, False, nxdomain, 0.001, wrong_answer=True))
+    assert h.sup.state is CoreDnsState.RUNNING
+    assert not any(c.startswith("kill") for c in h.calls.log)
+
+
+def test_failed_probes_from_before_the_rules_were_repaired_do_not_count(h: Harness) -> None:
+    import time
+
+    h.probe(ok=True)
+    silent = "no answer from 10.96.0.10:53 within 0.5s"
+    made = time.monotonic()
+    h.network.restore = ["added IPv4 raw OUTPUT ... health probes skip conntrack"]  # a flush, repaired late
+    h.sup._timers(h.sup._next_reconcile)
+    for _ in range(3):  # the rounds that queued up while the loop waited for the xtables lock
+        h.sup.handle(ProbeResult(h.child.pid, False, silent, 0.5, silent=True, at=made))
+    assert h.sup.state is CoreDnsState.RUNNING
+    for _ in range(3):  # later silence is CoreDNS's own
+        h.sup.handle(ProbeResult(h.child.pid, False, silent, 0.5, silent=True, at=time.monotonic()))
+    assert h.sup.state is CoreDnsState.BACKOFF

@@ -15,6 +15,7 @@ import itertools
 import shutil
 import signal
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ LOCAL_IPS = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.
 TIMING = Timing()
 HANG = f"no answer from {LOCAL_IPS[0]}:53 within 0.5s"
 REFUSED = f"query to {LOCAL_IPS[0]}:53 failed: Connection refused"
+WRONG = f"{LOCAL_IPS[1]}:53 answered NXDOMAIN for health.node-local-dns."
 
 
 class Clock:
@@ -266,14 +268,18 @@ class SupervisorModel(RuleBasedStateMachine):
 
     # Rules (what can happen) ----------------------------------------------------------------------------
     @precondition(lambda self: not self.stopped)
-    @rule(outcome=st.sampled_from(["ok", "silent", "refused"]), stale=st.booleans())
+    @rule(outcome=st.sampled_from(["ok", "silent", "refused", "wrong"]), stale=st.booleans())
     def probe(self, outcome: str, stale: bool) -> None:
         pids = [c.pid for c in self.children]
         if not pids:
             return
         pid = pids[0] if stale else pids[-1]
-        detail = {"ok": "ok", "silent": HANG, "refused": REFUSED}[outcome]
-        self._post(ProbeResult(pid, outcome == "ok", detail, 0.001, outcome == "silent"))
+        detail = {"ok": "ok", "silent": HANG, "refused": REFUSED, "wrong": WRONG}[outcome]
+        result = ProbeResult(
+            pid, outcome == "ok", detail, 0.001, outcome == "silent", wrong_answer=outcome == "wrong",
+            at=time.monotonic(),
+        )  # fmt: skip
+        self._post(result)
 
     @precondition(lambda self: not self.stopped)
     @rule(how=st.sampled_from([1, 2, -signal.SIGKILL, -signal.SIGSEGV]))
