@@ -59,4 +59,6 @@ if [ ! -f "$stamp" ]; then
 else
   log "virtual environment up to date"
 fi
+# 4. The control plane the tests run (kube-apiserver, kubectl, etcd, helm), cached.
+bash scripts/setup-controlplane.sh
 log "done"
