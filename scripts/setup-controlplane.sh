@@ -92,10 +92,10 @@ for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 build "helm $helm_version" "$helm_dir" "$helm_out" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 
-"$k8s_out/kube-apiserver" --version | grep -qx "Kubernetes $k8s_version" ||
-  { echo "setup-controlplane: $k8s_out/kube-apiserver is not $k8s_version" >&2; exit 1; }
-"$etcd_out/etcd" --version | grep -q "etcd Version: ${etcd_version#v}" ||
-  { echo "setup-controlplane: $etcd_out/etcd is not $etcd_version" >&2; exit 1; }
-"$helm_out/helm" version --template '{{.Version}}' | grep -qx "$helm_version" ||
-  { echo "setup-controlplane: $helm_out/helm is not $helm_version" >&2; exit 1; }
+# (Output captured first: `grep -q` closing the pipe early would fail the pipeline.)
+version_is() { local out; out="$("$1" "${@:3}")"; [[ "$out" == *"$2"* ]] ||
+  { echo "setup-controlplane: $1 is not $2" >&2; exit 1; }; }
+version_is "$k8s_out/kube-apiserver" "Kubernetes $k8s_version" --version
+version_is "$etcd_out/etcd" "etcd Version: ${etcd_version#v}" --version
+version_is "$helm_out/helm" "$helm_version" version --template '{{.Version}}'
 log "control plane: kube-apiserver/kubectl $k8s_version, etcd $etcd_version, helm $helm_version"
