@@ -49,6 +49,12 @@ CLIENT = (
     "nldsb-client"  # a second system:masters user for the clients under test, told apart in the audit log
 )
 _CLONE_NEWNET = 0x40000000
+SA_DIR = "/run/secrets/kubernetes.io/serviceaccount"  # /var/run/secrets/… in a pod: /var/run is /run
+
+
+def pod_token_path(pid: int) -> Path:
+    """The token file a process started with :meth:`ControlPlane.pod_credentials` reads (to rotate it)."""
+    return Path(f"/proc/{pid}/root{SA_DIR}/token")
 
 
 class ControlPlaneError(RuntimeError):
@@ -70,6 +76,17 @@ def unavailable() -> str | None:
     if shutil.which("openssl") is None:
         return "needs openssl (run make setup)"
     return None
+
+
+def started(**kwargs: Any) -> Iterator[ControlPlane]:
+    """A started ControlPlane for a fixture (skipped, which CI counts as a failure, without the binaries)."""
+    import pytest
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with ControlPlane(**kwargs) as cp:
+        yield cp
 
 
 def _setns(fd: int) -> None:
@@ -340,9 +357,9 @@ class ControlPlane(sb.Run):
     def write_kubeconfig(self, path: Path, token: str, server: str | None = None) -> Path:
         return write_kubeconfig(path, server or self.local_url, token, self.ca)
 
-    def link(self, node_ns: str) -> None:
-        """A veth from ``node_ns`` to the control plane: the node reaches the apiserver at :attr:`url`.
-        The link goes away with either namespace."""
+    def link(self, node_ns: str) -> str:
+        """A veth from ``node_ns`` to the control plane: the node reaches the apiserver at :attr:`url`,
+        from the address returned. The link goes away with either namespace."""
         self._links += 1
         n = self._links
         node_side, api_side = f"10.250.{n}.1", f"10.250.{n}.2"
@@ -352,6 +369,7 @@ class ControlPlane(sb.Run):
             sb.run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
             sb.run(["ip", "-n", ns, "link", "set", dev, "up"])
         sb.run(["ip", "-n", node_ns, "route", "add", f"{API_IP}/32", "via", api_side])
+        return node_side
 
     def drop_connections(self) -> str:
         """Reset every TCP connection to :attr:`url` (``ss -K``: both ends see it abort, as when a load
@@ -362,6 +380,21 @@ class ControlPlane(sb.Run):
     def iptables(self, *args: str) -> None:
         """iptables in the control plane's namespace (to hold up or refuse its clients' connections)."""
         sb.run(["ip", "netns", "exec", self.namespace, "iptables-nft", *args])
+
+    def pod_credentials(self, token_dir: Path) -> tuple[list[str], dict[str, str]]:
+        """What the kubelet gives a pod with a service-account token: ``token_dir``'s ``token`` and ``ca.crt``
+        at /var/run/secrets/kubernetes.io/serviceaccount, and ``KUBERNETES_SERVICE_HOST``/``_PORT``.
+
+        Returns an argv prefix and the environment for a command run with ``ip netns exec`` (which gives it a
+        mount namespace of its own that propagates nothing back): the prefix mounts a tmpfs on /run there,
+        copies the files in and execs the command. The files are then at :func:`pod_token_path`."""
+        (token_dir / "ca.crt").write_bytes(self.ca.read_bytes())
+        script = (
+            f"mount -t tmpfs -o size=1m tmpfs /run && mkdir -p {SA_DIR} && "
+            f'cp "$0/token" "$0/ca.crt" {SA_DIR}/ && exec "$@"'
+        )
+        env = {"KUBERNETES_SERVICE_HOST": API_IP, "KUBERNETES_SERVICE_PORT": str(PORT)}
+        return ["sh", "-c", script, str(token_dir)], env
 
     # Changing the cluster as the admin ------------------------------------------------------------------
     def _core(self) -> Any:
@@ -414,4 +447,4 @@ class ControlPlane(sb.Run):
         if not self.audit_log.exists():
             return []
         events = [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
-        return [e for e in events if user is None or e["user"]["username"] == user]
+        return [e for e in events if user is None or e["user"].get("username") == user]

@@ -31,24 +31,16 @@ STUBS_C = {"stubDomains": '{"acme.local": ["10.0.0.3"]}'}
 Received = queue.Queue[dict[str, str] | None]
 
 
-def _control_plane(**kwargs: Any) -> Iterator[ControlPlane]:
-    reason = controlplane.unavailable()
-    if reason:
-        pytest.skip(reason)
-    with ControlPlane(**kwargs) as cp:
-        yield cp
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ControlPlane]:
     """An apiserver as clusters run it: watches served from its watch cache, which sends bookmarks."""
-    yield from _control_plane()
+    yield from controlplane.started()
 
 
 @pytest.fixture(scope="module")
 def uncached_cluster() -> Iterator[ControlPlane]:
     """An apiserver serving ConfigMap watches straight from etcd: a compacted resourceVersion is 410 Gone."""
-    yield from _control_plane(uncached=["configmaps"])
+    yield from controlplane.started(uncached=["configmaps"])
 
 
 @pytest.fixture

@@ -7,54 +7,28 @@ import copy
 import ipaddress
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from agent import __version__
 from agent.cli import parse
 from agent.config import Settings
 from agent.supervisor import Timing
-
-REPO = Path(__file__).resolve().parents[2]
-MANIFEST = REPO / "image" / "nodelocaldns.yaml"
-API_RBAC = REPO / "image" / "nodelocaldns-api.yaml"
-CHECKER = REPO / "scripts" / "check_manifest.py"
-LOCALDNS, DOMAIN, KUBEDNS = "169.254.20.10", "cluster.local", "10.96.0.10"
-MODES = {"iptables": "iptables mode", "ipvs": "IPVS mode"}
+from tests.manifests import (
+    API_RBAC,
+    KUBEDNS,
+    LOCALDNS,
+    MANIFEST,
+    MODES,
+    checker,
+    objects,
+    run_sed,
+)
 
 SHUTDOWN_BUDGET = Timing().shutdown_budget
-
-
-def documented_sed(mode: str) -> str:
-    """The sed command the manifest's header gives for a kube-proxy mode (the README gives the same)."""
-    match = re.search(rf"^#\s+{MODES[mode]}:\s+(sed -i .*)$", MANIFEST.read_text(), re.MULTILINE)
-    assert match, f"no sed instruction for {MODES[mode]} in {MANIFEST}"
-    return match.group(1)
-
-
-def run_sed(mode: str, tmp_path: Path) -> str:
-    """The manifest after an operator's steps: the documented sed, run by sed itself."""
-    target = tmp_path / "nodelocaldns.yaml"
-    target.write_text(MANIFEST.read_text())
-    script = f"localdns={LOCALDNS}; domain={DOMAIN}; kubedns={KUBEDNS}; {documented_sed(mode)}"
-    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=10)
-    return target.read_text()
-
-
-def checker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(CHECKER), *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def objects(text: str) -> dict[str, dict[str, Any]]:
-    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
 
 
 @pytest.fixture(params=sorted(MODES))
@@ -243,11 +217,13 @@ def test_the_documented_patch_enables_the_api_source_with_the_rbac(
     assert settings.kubedns_configmap_api == "kube-system/kube-dns"
 
     rbac = objects(API_RBAC.read_text())
-    [rule] = rbac["Role/node-local-dns"]["rules"]
+    [configmap, service] = rbac["Role/node-local-dns"]["rules"]
     namespace, name = settings.kubedns_configmap_api.split("/")
     assert rbac["Role/node-local-dns"]["metadata"]["namespace"] == namespace
-    assert rule == {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
-                    "verbs": ["get", "list", "watch"]}  # fmt: skip
+    assert configmap == {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
+                         "verbs": ["get", "list", "watch"]}  # fmt: skip
+    assert service == {"apiGroups": [""], "resources": ["services"], "resourceNames": [settings.upstream_svc],
+                       "verbs": ["get"]}  # fmt: skip
     [subject] = rbac["RoleBinding/node-local-dns"]["subjects"]
     assert subject == {
         "kind": "ServiceAccount",
