@@ -29,6 +29,7 @@ import secrets
 import shutil
 import ssl
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -76,6 +77,19 @@ def unavailable() -> str | None:
     if shutil.which("openssl") is None:
         return "needs openssl (run make setup)"
     return None
+
+
+def helm(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The pinned helm, with its cache, config and data in a throw-away directory (inside ``netns`` if
+    given); raises ControlPlaneError with its output when it fails and ``check`` is set."""
+    with tempfile.TemporaryDirectory(prefix="helm-") as home:
+        env = {**os.environ, **{f"HELM_{d}_HOME": f"{home}/{d.lower()}" for d in ("CACHE", "CONFIG", "DATA")}}
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        proc = subprocess.run([*prefix, str(binaries()["helm"]), *args], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise ControlPlaneError(f"helm {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
 
 
 def started(**kwargs: Any) -> Iterator[ControlPlane]:
@@ -353,6 +367,10 @@ class ControlPlane(sb.Run):
                 f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
             )
         return proc.stdout + (proc.stderr if not check else "")
+
+    def helm(self, *args: str) -> str:
+        """The pinned helm against this apiserver, as the admin."""
+        return helm(*args, f"--kubeconfig={self.admin_kubeconfig}", netns=self.namespace).stdout
 
     def write_kubeconfig(self, path: Path, token: str, server: str | None = None) -> Path:
         return write_kubeconfig(path, server or self.local_url, token, self.ca)

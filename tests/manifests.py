@@ -3,6 +3,8 @@ checker (scripts/check_manifest.py), and the objects of a multi-document YAML te
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import subprocess
 import sys
@@ -46,3 +48,29 @@ def checker(*args: str) -> subprocess.CompletedProcess[str]:
 
 def objects(text: str) -> dict[str, dict[str, Any]]:
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
+
+
+def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """The two JSON-patch operations the documented `kubectl patch` uses (RFC 6902 add/replace)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = op["path"].lstrip("/").split("/")
+        target: Any = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "add" and isinstance(target, list):
+            target.insert(len(target) if last == "-" else int(last), op["value"])
+        elif op["op"] in {"add", "replace"} and isinstance(target, dict):
+            assert op["op"] == "add" or last in target, f"replace of missing {op['path']}"
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unsupported patch operation {op}")
+    return doc
+
+
+def documented_patch() -> list[dict[str, Any]]:
+    """The JSON patch of the documented `kubectl patch` that turns the API source on."""
+    match = re.search(r"patch daemonset node-local-dns --type=json -p '(\[.*\])'", API_RBAC.read_text())
+    assert match, "the enabling kubectl patch is documented in nodelocaldns-api.yaml"
+    ops: list[dict[str, Any]] = json.loads(match.group(1))
+    return ops

@@ -3,7 +3,6 @@ apply; valid against the Kubernetes schemas; and wired to the agent as the agent
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import re
@@ -23,7 +22,9 @@ from tests.manifests import (
     LOCALDNS,
     MANIFEST,
     MODES,
+    apply_json_patch,
     checker,
+    documented_patch,
     objects,
     run_sed,
 )
@@ -186,30 +187,10 @@ def test_no_api_access_without_the_optional_rbac(deployed: dict[str, dict[str, A
     assert not [k for k in deployed if k.split("/")[0] in {"Role", "ClusterRole", "RoleBinding"}]
 
 
-def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """The two JSON-patch operations the documented `kubectl patch` uses (RFC 6902 add/replace)."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = op["path"].lstrip("/").split("/")
-        target: Any = doc
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        if op["op"] == "add" and isinstance(target, list):
-            target.insert(len(target) if last == "-" else int(last), op["value"])
-        elif op["op"] in {"add", "replace"} and isinstance(target, dict):
-            assert op["op"] == "add" or last in target, f"replace of missing {op['path']}"
-            target[last] = op["value"]
-        else:
-            raise AssertionError(f"unsupported patch operation {op}")
-    return doc
-
-
 def test_the_documented_patch_enables_the_api_source_with_the_rbac(
     deployed: dict[str, dict[str, Any]],
 ) -> None:
-    match = re.search(r"patch daemonset node-local-dns --type=json -p '(\[.*\])'", API_RBAC.read_text())
-    assert match, "the enabling kubectl patch is documented in nodelocaldns-api.yaml"
-    patched = apply_json_patch(deployed["DaemonSet/node-local-dns"], json.loads(match.group(1)))
+    patched = apply_json_patch(deployed["DaemonSet/node-local-dns"], documented_patch())
     kubernetes_validate.validate(patched, "1.28", strict=True)
     spec = patched["spec"]["template"]["spec"]
     assert spec["automountServiceAccountToken"] is True
