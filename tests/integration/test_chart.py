@@ -164,3 +164,17 @@ def test_the_apiserver_accepts_the_install(cluster: ControlPlane, values: list[s
     assert "STATUS: pending-install" in out
     applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=template(*values))
     assert applied.count("created (server dry run)") == len(objects(template(*values)))
+
+
+def test_install_and_uninstall_for_real(cluster: ControlPlane) -> None:
+    out = cluster.helm("install", "nld", str(CHART), "-n", "kube-system", "--set", "apiSource.enabled=true")
+    assert "STATUS: deployed" in out
+    names = [
+        f"{kind.lower()}/{name}"
+        for kind, name in (k.split("/") for k in objects(template("apiSource.enabled=true")))
+    ]
+    listed = cluster.kubectl("get", "-n", "kube-system", "-o", "name", *names)
+    assert len(listed.split()) == len(names) == 7
+    assert 'release "nld" uninstalled' in cluster.helm("uninstall", "nld", "-n", "kube-system")
+    left = cluster.kubectl("get", "-n", "kube-system", "-o", "name", "--ignore-not-found", *names)
+    assert left.split() == []
