@@ -92,7 +92,7 @@ for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 build "helm $helm_version" "$helm_dir" "$helm_out" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 
-# (Output captured first: `grep -q` closing the pipe early would fail the pipeline.)
+# (Output captured first: a `grep -q` closing the pipe early would fail the pipeline under pipefail.)
 version_is() { local out; out="$("$1" "${@:3}")"; [[ "$out" == *"$2"* ]] ||
   { echo "setup-controlplane: $1 is not $2" >&2; exit 1; }; }
 version_is "$k8s_out/kube-apiserver" "Kubernetes $k8s_version" --version

@@ -30,7 +30,7 @@ fi
 
 # 2. CoreDNS from the upstream Go module at the pinned release, cached.
 want="CoreDNS-${COREDNS_VERSION#v}"
-if [ -x "$COREDNS_BIN" ] && "$COREDNS_BIN" -version 2>/dev/null | grep -qx "$want"; then
+if [ -x "$COREDNS_BIN" ] && "$COREDNS_BIN" -version 2>/dev/null | grep -x "$want" >/dev/null; then
   log "coredns ${COREDNS_VERSION} present at ${COREDNS_BIN}"
 else
   if [ ! -x "$COREDNS_CACHE/coredns" ]; then
@@ -40,7 +40,7 @@ else
     GOBIN="$COREDNS_CACHE" CGO_ENABLED=0 go install "github.com/coredns/coredns@${COREDNS_VERSION}"
   fi
   install -m 0755 "$COREDNS_CACHE/coredns" "$COREDNS_BIN"
-  "$COREDNS_BIN" -version | grep -qx "$want" || { echo "setup: $COREDNS_BIN is not $want" >&2; exit 1; }
+  "$COREDNS_BIN" -version | grep -x "$want" >/dev/null || { echo "setup: $COREDNS_BIN is not $want" >&2; exit 1; }
   log "installed $($COREDNS_BIN -version | head -1) at ${COREDNS_BIN}"
 fi
 
