@@ -66,7 +66,8 @@ controlplane:
 	bash scripts/setup-controlplane.sh
 
 test-controlplane: setup
-	$(PY) -m pytest tests/integration/test_api_source.py tests/integration/test_manifests_apiserver.py \
+	$(PY) -m pytest tests/integration/test_controlplane.py tests/integration/test_api_source.py \
+		tests/integration/test_manifests_apiserver.py \
 		tests/integration/test_chart.py
 
 clean:
