@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-unit test-integration lint bench bench-quick soak soak-quick clean \
-	wheel wheel-smoke image-lint manifest-check unit-check ship-check image
+	wheel wheel-smoke image-lint manifest-check unit-check ship-check image controlplane test-controlplane
 
 setup:
 	bash scripts/setup.sh
@@ -72,6 +72,16 @@ ship-check: image-lint manifest-check wheel-smoke
 IMAGE ?= node-local-dns-agent:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
 image:
 	IMAGE=$(IMAGE) ENGINE=$(ENGINE) bash scripts/build-image.sh
+
+# The control plane the tests run (kube-apiserver, kubectl, etcd, helm; built by setup, cached), and the tests
+# that use it: the API source, the manifests applied for real, the Helm chart.
+controlplane:
+	bash scripts/setup-controlplane.sh
+
+test-controlplane: setup
+	$(PY) -m pytest tests/integration/test_controlplane.py tests/integration/test_api_source.py \
+		tests/integration/test_manifests_apiserver.py \
+		tests/integration/test_chart.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -51,4 +51,6 @@ else
 fi
 # 4. Podman, the base images' stand-ins and the container image.
 bash scripts/setup-image.sh
+# 5. The control plane the tests run (kube-apiserver, kubectl, etcd, helm), cached.
+bash scripts/setup-controlplane.sh
 log "done"

@@ -1,10 +1,15 @@
-"""A Kubernetes API server on loopback that speaks the real wire format for ConfigMaps and Services.
+"""A hand-written Kubernetes API server on loopback, for the faults a real kube-apiserver does not produce on
+demand. Everything else about the API source is tested against the real one (tests/controlplane.py).
 
-Enough of the API for the agent's sources: list (``ConfigMapList`` with its ``resourceVersion``), watch
-(chunked newline-delimited ``{"type", "object"}`` events from a ``resourceVersion``, bookmarks, the
-server-side ``timeoutSeconds``), get, and the failure modes a real one has: a watch from a compacted
-resourceVersion gets an ``ERROR`` event with a ``410`` ``Status`` (``reason: Expired``), connections drop,
-requests fail with an HTTP status. Every request is recorded so tests can assert what the client asked.
+- A request answered with an HTTP error status (``fail_next``): a 500 or 503 from an overloaded or
+  restarting apiserver (the real one answers those only under conditions a test cannot set up cheaply), and a
+  410 as the watch request's own HTTP status (the real one sends its 410 as an ``ERROR`` event in a 200
+  stream, which the real-server tests cover).
+
+It speaks the wire format of ConfigMap list (``ConfigMapList`` with its ``resourceVersion``) and watch
+(chunked newline-delimited ``{"type", "object"}`` events from a ``resourceVersion``, the server-side
+``timeoutSeconds``), and can drop its watch connections. Every request is recorded so tests can assert what
+the client asked.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.controlplane import write_kubeconfig
 from tests.waiting import poll
 
 
@@ -38,11 +44,8 @@ class FakeApiServer:
     def __init__(self) -> None:
         self.version = 1000
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # (resourceVersion, type, object)
-        self.compacted = 0  # a watch from below this resourceVersion gets 410 Gone
         self.requests: list[Request] = []
-        self.sent: list[int] = []  # resourceVersions of the watch events sent, in order
         self.fail_next: list[int] = []  # HTTP statuses for the next requests, in order
         self.streaming = 0  # watch streams past the resourceVersion check, waiting for events
         self._cond = threading.Condition()
@@ -82,23 +85,11 @@ class FakeApiServer:
         return f"http://{host!s}:{port}"
 
     def write_kubeconfig(self, path: Path) -> Path:
-        path.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "fake",
-                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                    "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-                }
-            )
-        )
-        return path
+        return write_kubeconfig(path, self.url, "fake-token")
 
     # Changing the cluster -------------------------------------------------------------------------------
-    def set_configmap(self, namespace: str, name: str, data: dict[str, str], *, emit: bool = True) -> int:
-        """Create or update; ``emit=False`` changes it without a watch event (an event the client missed)."""
+    def set_configmap(self, namespace: str, name: str, data: dict[str, str]) -> int:
+        """Create or update."""
         with self._cond:
             self.version += 1
             key = (namespace, name)
@@ -110,43 +101,9 @@ class FakeApiServer:
                 "data": dict(data),
             }  # fmt: skip
             self.configmaps[key] = obj
-            if emit:
-                self.events.append((self.version, kind, obj))
+            self.events.append((self.version, kind, obj))
             self._cond.notify_all()
             return self.version
-
-    def delete_configmap(self, namespace: str, name: str) -> None:
-        with self._cond:
-            self.version += 1
-            obj = self.configmaps.pop((namespace, name))
-            obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.version)}}
-            self.events.append((self.version, "DELETED", obj))
-            self._cond.notify_all()
-
-    def bookmark(self) -> int:
-        """A BOOKMARK event at a new resourceVersion (the API server sends these about once a minute)."""
-        with self._cond:
-            self.version += 1
-            obj = {
-                "kind": "ConfigMap",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self.version)},
-            }
-            self.events.append((self.version, "BOOKMARK", obj))
-            self._cond.notify_all()
-            return self.version
-
-    def set_service(self, namespace: str, name: str, cluster_ip: str) -> None:
-        self.services[(namespace, name)] = {
-            "kind": "Service", "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(self.version)},
-            "spec": {"clusterIP": cluster_ip, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
-        }  # fmt: skip
-
-    def compact(self) -> None:
-        """Forget the history: a watch from an older resourceVersion now gets 410 Gone."""
-        with self._cond:
-            self.compacted = self.version
 
     def drop_watches(self) -> None:
         """Break every open watch connection (no final chunk), as a restarting API server or a LB would."""
@@ -154,14 +111,11 @@ class FakeApiServer:
             self._drops += 1
             self._cond.notify_all()
 
-    def watches(self) -> list[Request]:
-        return [r for r in self.requests if r.is_watch]
-
     def lists(self) -> list[Request]:
         return [r for r in self.requests if not r.is_watch and r.path.endswith("/configmaps")]
 
     def wait_for_streams(self, count: int, timeout: float = 5.0) -> bool:
-        """Wait until ``count`` watches are streaming: a compact() from now on cannot turn them into 410s."""
+        """Wait until ``count`` watches are streaming (past their request, waiting for events)."""
         with self._cond:
             return self._cond.wait_for(lambda: self.streaming >= count, timeout)
 
@@ -209,12 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._list(namespace, selected)
             return
-        store = {"configmaps": api.configmaps, "services": api.services}.get(resource, {})
-        obj = store.get((namespace, name or ""))
-        if obj is None:
-            self._json(404, _status(404, "NotFound", f'{resource} "{name}" not found'))
-        else:
-            self._json(200, obj)
+        self._json(404, _status(404, "NotFound", f'{resource} "{name}" not found'))
 
     def _json(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -227,8 +176,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _matches(self, namespace: str, name: str | None, obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata", {})
-        if "name" not in meta:  # a bookmark
-            return True
         return bool(meta["namespace"] == namespace and (name is None or meta["name"] == name))
 
     def _list(self, namespace: str, name: str | None) -> None:
@@ -252,22 +199,16 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         since = int(query.get("resourceVersion") or 0)
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
-        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
         with api._cond:
-            if since < api.compacted:
-                message = f"too old resource version: {since} ({api.compacted})"
-                self._chunk({"type": "ERROR", "object": _status(410, "Expired", message)})
-                self.wfile.write(b"0\r\n\r\n")
-                return
             api.streaming += 1
             api._cond.notify_all()
             try:
-                dropped = self._send_events(since, deadline, namespace, name, bookmarks)
+                dropped = self._send_events(since, deadline, namespace, name)
             finally:
                 api.streaming -= 1
         if dropped:
@@ -276,9 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(b"0\r\n\r\n")
 
-    def _send_events(
-        self, since: int, deadline: float, namespace: str, name: str | None, bookmarks: bool
-    ) -> bool:
+    def _send_events(self, since: int, deadline: float, namespace: str, name: str | None) -> bool:
         """Send the events after ``since`` as they come until the deadline; True if drop_watches() ended it.
         The caller holds the lock."""
         api = self.api
@@ -288,9 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
             for version, kind, obj in [e for e in api.events if e[0] > sent]:
                 sent = version
-                if (kind != "BOOKMARK" or bookmarks) and self._matches(namespace, name, obj):
+                if self._matches(namespace, name, obj):
                     self._chunk({"type": kind, "object": obj})
-                    api.sent.append(version)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from tests.waiting import poll
 
@@ -136,14 +136,28 @@ def _kill_netns_processes(ns: str) -> None:
         time.sleep(0.05)
 
 
+def kill_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGKILL the processes, wait for each (bounded) and forget them."""
+    for proc in procs.values():
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    procs.clear()
+
+
 def remove_namespace(ns: str) -> None:
     _kill_netns_processes(ns)
     run(["ip", "netns", "delete", ns], check=False)
     shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
+# The servers the sandbox and the control plane (tests/controlplane.py) run with their work dir in argv.
+SERVERS = (b"coredns", b"etcd", b"kube-apiserver")
+
+
 def leftovers(run_ids: set[str] | None = None) -> list[str]:
-    """What sandbox runs left behind: namespaces, /etc/netns dirs, work dirs and CoreDNS processes.
+    """What sandbox runs left behind: namespaces, /etc/netns dirs, work dirs and server processes.
 
     ``run_ids`` limits the search to those runs (a concurrent run's live sandbox is not a leak)."""
     prefixes = tuple(f"{PREFIX}-{r}-" for r in run_ids) if run_ids is not None else (PREFIX,)
@@ -162,10 +176,11 @@ def leftovers(run_ids: set[str] | None = None) -> list[str]:
             continue
         if (
             cmdline
-            and cmdline[0].endswith(b"coredns")
+            and cmdline[0].endswith(SERVERS)
             and any(p.encode() in a for a in cmdline for p in prefixes)
         ):
-            found.append(f"coredns pid {proc.name}: {b' '.join(cmdline).decode(errors='replace')}")
+            name = Path(cmdline[0].decode(errors="replace")).name
+            found.append(f"{name} pid {proc.name}: {b' '.join(cmdline).decode(errors='replace')}")
     return found
 
 
@@ -182,36 +197,63 @@ def remove_leftovers_of(run_ids: set[str]) -> None:
                     shutil.rmtree(d, ignore_errors=True)
 
 
-@dataclass
-class Sandbox:
-    """One node and its neighbours. Use as a context manager; see the module docstring."""
+@dataclass(kw_only=True)
+class Run:
+    """What one run creates carries ``PREFIX-<run_id>-`` (namespaces, the work dir), so the leak check finds
+    it. A context manager: ``start()`` on entry (``stop()`` if it fails), ``stop()`` on exit."""
 
-    flavour: Flavour = "nft"
-    pods: int = 1
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     workdir: Path = field(init=False)
-    _created: list[str] = field(default_factory=list, init=False)
-    _servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         CREATED_RUNS.add(self.run_id)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.run_id}-"))
 
+    def name(self, what: str) -> str:
+        return f"{PREFIX}-{self.run_id}-{what}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Sandbox(Run):
+    """One node and its neighbours. Use as a context manager; see the module docstring."""
+
+    flavour: Flavour = "nft"
+    pods: int = 1
+    _created: list[str] = field(default_factory=list, init=False)
+    _servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+
     # Names and addresses -------------------------------------------------------------------------------
     @property
     def node(self) -> str:
-        return f"{PREFIX}-{self.run_id}-node"
+        return self.name("node")
 
     @property
     def kube_dns(self) -> str:
-        return f"{PREFIX}-{self.run_id}-kubedns"
+        return self.name("kubedns")
 
     @property
     def stub(self) -> str:
-        return f"{PREFIX}-{self.run_id}-stub"
+        return self.name("stub")
 
     def pod(self, index: int = 0) -> str:
-        return f"{PREFIX}-{self.run_id}-pod{index}"
+        return self.name(f"pod{index}")
 
     @property
     def all_namespaces(self) -> list[str]:
@@ -295,17 +337,6 @@ class Sandbox:
         self.exec(self.node, ["conntrack", "-F"], check=False)
 
     # Lifecycle ---------------------------------------------------------------------------------------
-    def __enter__(self) -> Sandbox:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         for ns in self.all_namespaces:
             self._add_namespace(ns)
@@ -338,12 +369,7 @@ class Sandbox:
 
     def stop(self) -> None:
         """Remove everything this sandbox created. Safe to call twice and after a partial start."""
-        for proc in self._servers.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        self._servers.clear()
+        kill_all(self._servers)
         for ns in reversed(self._created):
             remove_namespace(ns)
         self._created.clear()

@@ -3,18 +3,14 @@ apply; valid against the Kubernetes schemas; and wired to the agent as the agent
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from agent import __version__
 from agent.cli import parse
@@ -22,41 +18,20 @@ from agent.config import Settings
 from agent.corefile import CorefileBuilder, server_blocks
 from agent.kubedns import KubeDnsConfig
 from agent.supervisor import Timing
-
-REPO = Path(__file__).resolve().parents[2]
-MANIFEST = REPO / "image" / "nodelocaldns.yaml"
-API_RBAC = REPO / "image" / "nodelocaldns-api.yaml"
-CHECKER = REPO / "scripts" / "check_manifest.py"
-LOCALDNS, DOMAIN, KUBEDNS = "169.254.20.10", "cluster.local", "10.96.0.10"
-MODES = {"iptables": "iptables mode", "ipvs": "IPVS mode"}
+from tests.manifests import (
+    API_RBAC,
+    KUBEDNS,
+    LOCALDNS,
+    MANIFEST,
+    MODES,
+    apply_json_patch,
+    checker,
+    documented_patch,
+    objects,
+    run_sed,
+)
 
 SHUTDOWN_BUDGET = Timing().shutdown_budget
-
-
-def documented_sed(mode: str) -> str:
-    """The sed command the manifest's header gives for a kube-proxy mode (the README gives the same)."""
-    match = re.search(rf"^#\s+{MODES[mode]}:\s+(sed -i .*)$", MANIFEST.read_text(), re.MULTILINE)
-    assert match, f"no sed instruction for {MODES[mode]} in {MANIFEST}"
-    return match.group(1)
-
-
-def run_sed(mode: str, tmp_path: Path) -> str:
-    """The manifest after an operator's steps: the documented sed, run by sed itself."""
-    target = tmp_path / "nodelocaldns.yaml"
-    target.write_text(MANIFEST.read_text())
-    script = f"localdns={LOCALDNS}; domain={DOMAIN}; kubedns={KUBEDNS}; {documented_sed(mode)}"
-    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=10)
-    return target.read_text()
-
-
-def checker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(CHECKER), *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def objects(text: str) -> dict[str, dict[str, Any]]:
-    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
 
 
 @pytest.fixture(params=sorted(MODES))
@@ -246,30 +221,10 @@ def test_no_api_access_without_the_optional_rbac(deployed: dict[str, dict[str, A
     assert not [k for k in deployed if k.split("/")[0] in {"Role", "ClusterRole", "RoleBinding"}]
 
 
-def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """The two JSON-patch operations the documented `kubectl patch` uses (RFC 6902 add/replace)."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = op["path"].lstrip("/").split("/")
-        target: Any = doc
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        if op["op"] == "add" and isinstance(target, list):
-            target.insert(len(target) if last == "-" else int(last), op["value"])
-        elif op["op"] in {"add", "replace"} and isinstance(target, dict):
-            assert op["op"] == "add" or last in target, f"replace of missing {op['path']}"
-            target[last] = op["value"]
-        else:
-            raise AssertionError(f"unsupported patch operation {op}")
-    return doc
-
-
 def test_the_documented_patch_enables_the_api_source_with_the_rbac(
     deployed: dict[str, dict[str, Any]],
 ) -> None:
-    match = re.search(r"patch daemonset node-local-dns --type=json -p '(\[.*\])'", API_RBAC.read_text())
-    assert match, "the enabling kubectl patch is documented in nodelocaldns-api.yaml"
-    patched = apply_json_patch(deployed["DaemonSet/node-local-dns"], json.loads(match.group(1)))
+    patched = apply_json_patch(deployed["DaemonSet/node-local-dns"], documented_patch())
     kubernetes_validate.validate(patched, "1.28", strict=True)
     spec = patched["spec"]["template"]["spec"]
     assert spec["automountServiceAccountToken"] is True
@@ -277,11 +232,13 @@ def test_the_documented_patch_enables_the_api_source_with_the_rbac(
     assert settings.kubedns_configmap_api == "kube-system/kube-dns"
 
     rbac = objects(API_RBAC.read_text())
-    [rule] = rbac["Role/node-local-dns"]["rules"]
+    [configmap, service] = rbac["Role/node-local-dns"]["rules"]
     namespace, name = settings.kubedns_configmap_api.split("/")
     assert rbac["Role/node-local-dns"]["metadata"]["namespace"] == namespace
-    assert rule == {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
-                    "verbs": ["get", "list", "watch"]}  # fmt: skip
+    assert configmap == {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
+                         "verbs": ["get", "list", "watch"]}  # fmt: skip
+    assert service == {"apiGroups": [""], "resources": ["services"], "resourceNames": [settings.upstream_svc],
+                       "verbs": ["get"]}  # fmt: skip
     [subject] = rbac["RoleBinding/node-local-dns"]["subjects"]
     assert subject == {
         "kind": "ServiceAccount",
