@@ -20,6 +20,7 @@ from agent.kubedns import KubeDnsConfig
 from agent.supervisor import Timing
 from tests.manifests import (
     API_RBAC,
+    DOMAIN,
     KUBEDNS,
     LOCALDNS,
     MANIFEST,
