@@ -139,7 +139,8 @@ def agent_with_token(box: sb.Sandbox, cp: ControlPlane, token: str) -> AgentProc
     prefix, env = cp.pod_credentials(token_dir)
     agent = AgentProcess(
         box,
-        extra=["--kubedns-configmap-api", "kube-system/kube-dns"],
+        # The manifest's -upstreamsvc: the agent looks the Service's clusterIP up through the API.
+        extra=["--kubedns-configmap-api", "kube-system/kube-dns", "-upstreamsvc", "kube-dns-upstream"],
         env={**{k: v for k, v in os.environ.items() if not k.startswith("KUBE_DNS_UPSTREAM")}, **env},
     )
     i = agent.argv.index("--cluster-dns-ip")
