@@ -223,7 +223,7 @@ class ApiConfigMapWatcher:
                 log.warning("configmap_watch_stop_timed_out", configmap=self._what, timeout=timeout)
             self._thread = None
         if self._api_client is not None:
-            self._api_client.close()
+            close_api_client(self._api_client)
             self._api_client = None
 
     def _run(self) -> None:
@@ -323,6 +323,9 @@ class ApiConfigMapWatcher:
         finally:
             with self._lock:
                 self._response = None
+            # A watch's connection is not reused: closed here (broken or ended by the server's timeout), not
+            # handed back to the pool in whatever state the stream left it. One TLS handshake a minute.
+            resp.close()
             resp.release_conn()
         return version, events
 
@@ -394,7 +397,14 @@ def _core_api(kubeconfig: Path | None) -> Iterator[Any]:
     try:
         yield client.CoreV1Api(api)
     finally:
-        api.close()
+        close_api_client(api)
+
+
+def close_api_client(api: Any) -> None:
+    """The client's thread pool *and* its connections: ``ApiClient.close()`` leaves the keep-alive TLS
+    connections in urllib3's pool open until the garbage collector finds them."""
+    api.close()
+    api.rest_client.pool_manager.clear()
 
 
 def read_configmap(

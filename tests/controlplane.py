@@ -210,7 +210,9 @@ class ControlPlane(sb.Run):
     def stop(self) -> None:
         """Remove everything this control plane created. Safe to call twice and after a partial start."""
         if self._admin is not None:
-            self._admin.api_client.close()
+            from agent.sources import close_api_client
+
+            close_api_client(self._admin.api_client)
             self._admin = None
         sb.kill_all(self._procs)
         if self.namespace in sb._netns_list():
