@@ -20,7 +20,7 @@ from typing import BinaryIO, Literal
 
 import psutil
 
-from agent.events import ChildExited, ChildOutput, Event
+from agent.events import ChildExited, ChildOutput, ChildStopped, Event
 from agent.logs import get_logger
 
 log = get_logger("coredns")
@@ -228,9 +228,24 @@ class CoreDnsProcess:
         pipe closes with CoreDNS; a grandchild holding it open (none expected) delays the event at most
         ``PUMP_DRAIN`` seconds."""
         assert self._proc is not None and self._pump is not None
+        self._watch_stops(self._proc.pid)
         returncode = self._proc.wait()
         self._pump.join(PUMP_DRAIN)
         self._post(ChildExited(self._proc.pid, returncode))
+
+    def _watch_stops(self, pid: int) -> None:
+        """Until CoreDNS exits, report each time the kernel stops it: the parent hears of a stop at once
+        (``waitid`` with WSTOPPED), with no polling. The exit itself is left unreaped (WNOWAIT) for Popen."""
+        while True:
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT)
+            except ChildProcessError:
+                return  # reaped already (a wait elsewhere got there first)
+            if info is None or info.si_code != os.CLD_STOPPED:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)  # take this stop's notice
+            self._post(ChildStopped(pid, info.si_status))
 
     def _pump_output(self) -> None:
         """Read CoreDNS's output as fast as it comes; the writing is the :class:`OutputPump`'s."""

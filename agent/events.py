@@ -12,6 +12,14 @@ class ChildExited:
 
 
 @dataclass(frozen=True)
+class ChildStopped:
+    """The kernel stopped the child (SIGSTOP, SIGTSTP, …): it cannot answer until someone resumes it."""
+
+    pid: int
+    signum: int
+
+
+@dataclass(frozen=True)
 class ChildOutput:
     """A line of CoreDNS output that matters to the supervisor (reload outcomes)."""
 
@@ -26,7 +34,6 @@ class ProbeResult:
     detail: str
     latency: float  # seconds, the slowest of the round's DNS probes
     silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
-    stopped: bool = False  # silent and its process stopped (SIGSTOP, a tracer): a hang, no need to wait
     wrong_answer: bool = False  # answered, but not as CoreDNS answers the probe zone (see health.Outcome)
     at: float = 0.0  # time.monotonic() when the round ended (0: unknown)
 
@@ -53,4 +60,13 @@ class Signal:
     signum: int
 
 
-Event = ChildExited | ChildOutput | ProbeResult | ConfigChanged | ApiConfigMap | NetworkChanged | Signal
+Event = (
+    ChildExited
+    | ChildStopped
+    | ChildOutput
+    | ProbeResult
+    | ConfigChanged
+    | ApiConfigMap
+    | NetworkChanged
+    | Signal
+)

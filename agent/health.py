@@ -37,11 +37,6 @@ class ProbeSettings:
     # /health is asked every this many rounds (2 s): the DNS probes catch a hang; /health adds CoreDNS's own
     # view of itself at a quarter of the cost.
     health_every: int = 4
-    # Between rounds, CoreDNS's process state is looked at this often (seconds; one read of /proc/PID/stat,
-    # a few microseconds). A stopped process (SIGSTOP, a tracer) that also misses one probe of
-    # ``confirm_timeout`` seconds is a hang at once: caught within about 0.2 s instead of three rounds.
-    state_every: float = 0.1
-    confirm_timeout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -177,60 +172,16 @@ class Prober:
                     outcome = Outcome(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
                 if self._stop.is_set():
                     return
-                state = process_state(self.pid) if outcome.silent else None
-                if state in STOPPED_STATES:  # stopped during the round: no need for two more
-                    outcome = Outcome(False, f"process state {state} (stopped) and {outcome.detail}",
-                                      outcome.latency, silent=True)  # fmt: skip
-                stopped = state in STOPPED_STATES
                 self._post(
                     ProbeResult(
-                        self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent, stopped,
+                        self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent,
                         wrong_answer=outcome.wrong_answer, at=time.monotonic(),
                     )
                 )  # fmt: skip
-                self._pause(started + self.settings.interval, query)
+                self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
         finally:
             if health is not None:
                 health.close()
-
-    def _pause(self, until: float, query: bytes) -> None:
-        """Wait for the next round, watching CoreDNS's process state; a stopped CoreDNS that does not answer
-        a quick probe is reported as stopped, which the supervisor takes as a hang without more rounds."""
-        s = self.settings
-        while not self._stop.wait(max(0.0, min(s.state_every, until - time.monotonic()))):
-            if time.monotonic() >= until:
-                return
-            state = process_state(self.pid)
-            if state not in STOPPED_STATES:
-                continue
-            quick = replace(s, timeout=s.confirm_timeout)
-            outcome = probe_round(quick, query=query)
-            if not outcome.silent or self._stop.is_set():
-                continue
-            detail = f"process state {state} (stopped) and {outcome.detail}"
-            self._post(
-                ProbeResult(
-                    self.pid, False, detail, outcome.latency, silent=True, stopped=True, at=time.monotonic()
-                )
-            )
-            return
-
-
-# /proc/PID/stat states of a process that cannot run until someone resumes it: stopped by a signal, or by a
-# tracer (a debugger, strace).
-STOPPED_STATES = frozenset({"T", "t"})
-
-
-def process_state(pid: int) -> str | None:
-    """The kernel's one-letter state of ``pid`` (R, S, D, T, t, Z, …), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # "PID (COMM) STATE …": COMM may hold spaces and parentheses; the state follows the last ")".
-    fields = stat.rpartition(b")")[2].split()
-    return fields[0].decode() if fields else None
 
 
 def probe_round(

@@ -27,6 +27,7 @@ from agent.events import (
     ApiConfigMap,
     ChildExited,
     ChildOutput,
+    ChildStopped,
     ConfigChanged,
     Event,
     NetworkChanged,
@@ -280,6 +281,8 @@ class Supervisor:
         match event:
             case ChildExited(pid=pid, returncode=returncode):
                 self._on_child_exit(pid, returncode)
+            case ChildStopped(pid=pid, signum=signum):
+                self._on_child_stopped(pid, signum)
             case ProbeResult():
                 self._on_probe(event)
             case ChildOutput(pid=pid, line=line):
@@ -315,6 +318,14 @@ class Supervisor:
             cause = f"{how}: {self.child.recent_output[-1]}"
         self._fail(cause, label)
 
+    def _on_child_stopped(self, pid: int, signum: int) -> None:
+        """A stopped CoreDNS answers nothing while its sockets hold the kernel gate open: a hang, known from
+        the kernel at once rather than from three silent probe rounds."""
+        if self.child is None or pid != self.child.pid:
+            return
+        if self.state in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
+            self._kill_and_fail(f"hung: stopped by {_signal_name(signum)}", "hang")
+
     def _oom_killed(self, returncode: int) -> bool:
         if returncode != -signal.SIGKILL or self.cgroup is None:
             return False
@@ -349,9 +360,6 @@ class Supervisor:
         if self.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
             return
         self.probe_failures += 1
-        if result.stopped:
-            self._kill_and_fail(f"hung: {result.detail}", "hang")
-            return
         if self.probe_failures == 1:
             log.warning("coredns probe failed", detail=result.detail, state=str(self.state))
         if self.probe_failures >= self.timing.hang_after_failures:
@@ -714,6 +722,13 @@ class Supervisor:
             log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace)
             self.child.kill_group()
             self.child.wait(timeout=1.0)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 class ThreadDiedError(RuntimeError):

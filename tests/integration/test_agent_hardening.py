@@ -58,19 +58,18 @@ def test_a_dead_watcher_thread_is_noticed_and_the_agent_exits_cleanly(box: sb.Sa
     assert our_rules(box) == []
 
 
-def test_a_dead_prober_is_restarted_and_a_hang_is_still_caught(box: sb.Sandbox) -> None:
+def test_a_dead_prober_is_restarted_and_its_successor_brings_coredns_to_serving(box: sb.Sandbox) -> None:
     with AgentProcess(box, fault="agent.health:Prober._run:2") as agent:  # the restarted child's prober
         agent.wait_serving()
         first = agent.coredns_pid()
         assert first is not None
         os.kill(first, signal.SIGKILL)
         assert poll(lambda: events_named(agent, "prober restarted"), 10), agent.tail()
+        # Only a probe result moves a restarted CoreDNS from starting to running: the new prober's.
         agent.wait_serving(timeout=10)
         second = agent.coredns_pid()
         assert second is not None and second != first
-        os.kill(second, signal.SIGSTOP)  # only the restarted prober can catch this
-        assert poll(lambda: not psutil.pid_exists(second) or agent.coredns_pid() != second, 10), agent.tail()
-        agent.wait_serving(timeout=15)
+        assert 'nodelocaldns_agent_thread_restarts_total{thread="prober"} 1.0' in agent.metrics()
 
 
 def test_with_the_lock_held_at_the_first_install_the_agent_is_not_serving_until_the_rules_are_in() -> None:

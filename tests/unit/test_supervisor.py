@@ -13,7 +13,16 @@ import pytest
 
 from agent.cgroup import Cgroup
 from agent.config import ConfigError, Settings
-from agent.events import ApiConfigMap, ChildExited, ChildOutput, ConfigChanged, Event, ProbeResult, Signal
+from agent.events import (
+    ApiConfigMap,
+    ChildExited,
+    ChildOutput,
+    ChildStopped,
+    ConfigChanged,
+    Event,
+    ProbeResult,
+    Signal,
+)
 from agent.health import ProbeSettings
 from agent.states import CoreDnsState
 from agent.supervisor import Supervisor
@@ -576,13 +585,14 @@ def test_signal_handlers_only_record_and_the_loop_acts(h: Harness) -> None:
             signal.signal(signum, handler)
 
 
-def test_a_stopped_and_silent_coredns_is_killed_at_once_without_waiting_for_three_rounds(h: Harness) -> None:
+def test_a_stopped_coredns_is_killed_at_once_without_waiting_for_three_rounds(h: Harness) -> None:
     h.probe(ok=True)
     pid = h.child.pid
-    detail = "process state T (stopped) and no answer from 169.254.20.10:53 within 0.1s"
-    h.sup.handle(ProbeResult(pid, False, detail, 0.1, silent=True, stopped=True))
-    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung: process state T")
+    h.sup.handle(ChildStopped(pid, signal.SIGSTOP))
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung: stopped by SIGSTOP")
     assert f"kill {pid}" in h.calls.log
+    h.sup.handle(ChildStopped(pid, signal.SIGSTOP))  # a late notice of the same child changes nothing
+    assert h.calls.log.count(f"kill {pid}") == 1
 
 
 def test_a_probe_answered_by_something_else_checks_the_rules_and_never_kills_coredns(h: Harness) -> None:

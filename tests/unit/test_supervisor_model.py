@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import agent.packetfilter
 from agent.config import ConfigError, Settings
-from agent.events import ChildExited, ChildOutput, ConfigChanged, Event, ProbeResult, Signal
+from agent.events import ChildExited, ChildOutput, ChildStopped, ConfigChanged, Event, ProbeResult, Signal
 from agent.health import ProbeSettings
 from agent.interface import Interface
 from agent.metrics import Metrics
@@ -289,6 +289,13 @@ class SupervisorModel(RuleBasedStateMachine):
             child.recent_output.append("[FATAL] plugin/loop: Loop detected")
             child.alive = False
             self.pending_exits.append(ChildExited(child.pid, how))
+
+    @precondition(lambda self: not self.stopped)
+    @rule()
+    def coredns_is_stopped(self) -> None:
+        """SIGSTOP: the waiter hears of it from the kernel at once."""
+        if self.child is not None:
+            self._post(ChildStopped(self.child.pid, signal.SIGSTOP))
 
     @precondition(lambda self: not self.stopped and bool(self.pending_exits))
     @rule(index=st.integers(min_value=0, max_value=5))
