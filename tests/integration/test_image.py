@@ -89,9 +89,10 @@ def proc_status(hpid: int) -> dict[str, str]:
 def test_the_image_holds_the_working_trees_agent_and_a_stripped_pinned_coredns(
     image: str, tmp_path: Path
 ) -> None:
-    version = podman("run", "--rm", "--network", "none", image, "--version").split()
+    version = podman("run", "--rm", "--network", "none", image, "--version").splitlines()
     pinned = (REPO / "image" / "coredns.version").read_text().strip().removeprefix("v")
-    assert version[-1] == f"CoreDNS-{pinned}", version
+    # CoreDNS's own -version output first (as node-cache prints it), the agent's line last.
+    assert version[0] == f"CoreDNS-{pinned}" and version[-1].startswith("node-local-dns-agent "), version
     # Every file of the installed agent package is the working tree's, and the API source's imports work
     # (the image leaves out the Kubernetes client's asyncio half).
     script = (
