@@ -110,11 +110,6 @@ class NodeNetwork:
         """The pod rules are verified in place (always true when the agent does not manage rules)."""
         return self.packet_filter is None or self.packet_filter.installed
 
-    def host_rules_in_place(self) -> bool:
-        """The host-query rules are wanted and verified in place."""
-        pf = self.packet_filter
-        return pf is not None and pf.installed and pf.host_rules
-
     def reconcile(self) -> list[str]:
         try:
             return self.reconciler.reconcile()

@@ -149,12 +149,7 @@ def remove_tagged_rules(
     abort: Abort | None = None,
 ) -> list[str]:
     """Remove every rule carrying the agent's tag from one backend; nothing else is touched."""
-    converger = Converger(xtables, metrics)
-    changes: list[str] = []
-    for family in families:
-        for done in converger.converge(family, (), deadline=deadline, abort=abort).plans:
-            changes += done.describe()
-    return changes
+    return _remove_owned(Converger(xtables, metrics), families, deadline=deadline, abort=abort)
 
 
 def remove_node_cache_rules(
@@ -172,8 +167,16 @@ def remove_node_cache_rules(
         return [rule for rule in saved_rules(save_output, family) if rule in wanted]
 
     converger = Converger(xtables, metrics, owned=node_cache)
+    families = sorted({rule.family for rule in rules})
+    return _remove_owned(converger, families, deadline=deadline, abort=abort)
+
+
+def _remove_owned(
+    converger: Converger, families: Iterable[Family], *, deadline: float, abort: Abort | None
+) -> list[str]:
+    """Converge the rules ``converger`` owns to none, family by family; what was removed."""
     changes: list[str] = []
-    for family in sorted({rule.family for rule in rules}):
+    for family in families:
         for done in converger.converge(family, (), deadline=deadline, abort=abort).plans:
             changes += done.describe()
     return changes

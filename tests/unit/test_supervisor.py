@@ -69,9 +69,6 @@ class FakeNetwork:
     def rules_in_place(self) -> bool:
         return self.installed
 
-    def host_rules_in_place(self) -> bool:
-        return self.installed and self.host
-
     def reconcile(self) -> list[str]:
         changes, self.restore = self.restore, []
         if not self.installed and not self.fail_install and "install_rules(host=True)" in self.calls.log:
