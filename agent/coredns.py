@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from typing import BinaryIO, Literal
 import psutil
 
 from agent.events import ChildExited, ChildOutput, ChildStopped, Event
-from agent.logs import get_logger
+from agent.logs import get_logger, write_stdout
 
 log = get_logger("coredns")
 
@@ -110,7 +109,7 @@ class OutputPump:
         backlog: int = OUTPUT_BACKLOG_LINES,
     ) -> None:
         self.pid, self.fmt, self.on_dropped, self.backlog = pid, fmt, on_dropped, backlog
-        self.out = out if out is not None else sys.stdout.buffer
+        self.out = out
         self._lines: list[bytes] = []
         self._dropped = 0
         self._closed = False
@@ -154,8 +153,7 @@ class OutputPump:
     def _write(self, batch: list[bytes], dropped: int) -> None:
         try:
             if self.fmt == "plain":
-                self.out.write(b"\n".join(batch) + b"\n")
-                self.out.flush()
+                write_stdout(b"\n".join(batch) + b"\n", self.out)
             else:
                 for raw in batch:
                     line = raw.decode(errors="replace")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import threading
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -25,7 +26,7 @@ def setup_logging(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=lambda *_: _StdoutLogger(),
         cache_logger_on_first_use=False,
     )
 
@@ -33,3 +34,25 @@ def setup_logging(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
 def get_logger(component: str) -> Any:
     """A logger whose events carry ``component``; call sites log one event per state change, with a cause."""
     return structlog.get_logger(component=component)  # lazy: bound at first use, after setup_logging
+
+
+# Every line the agent writes to stdout goes through this lock, whole. A BufferedWriter lets another thread's
+# write in while it waits on a full pipe, so without it an event could land in the middle of CoreDNS's lines.
+_stdout_lock = threading.Lock()
+
+
+def write_stdout(data: bytes, out: BinaryIO | None = None) -> None:
+    """Write ``data`` (whole lines) to stdout, or ``out``, with no other writer's bytes inside it."""
+    with _stdout_lock:
+        stream = out if out is not None else sys.stdout.buffer
+        stream.write(data)
+        stream.flush()
+
+
+class _StdoutLogger:
+    """structlog's output: one ``write_stdout`` per event."""
+
+    def msg(self, message: str) -> None:
+        write_stdout(message.encode(errors="replace") + b"\n")
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
