@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
     )
     b("--xtables-lock", dest="xtables_lock", type=Path, metavar="PATH")
+    b("--agents-lock", dest="agents_lock", type=Path, metavar="PATH",
+      help="the lock file the node's agents share (default /run/node-local-dns-agents.lock)")  # fmt: skip
     b(
         "--xtables-wait",
         dest="xtables_wait",

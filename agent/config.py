@@ -72,6 +72,9 @@ class Settings:
     check_max_age: float = 10.0
     # The xtables lock kube-proxy and iptables-legacy share, and how long one attempt may wait for it.
     xtables_lock: Path = Path("/run/xtables.lock")
+    # Shared by every agent on the node (a hostPath in the DaemonSet), so that two agents during a surge
+    # upgrade never remove what the other relies on.
+    agents_lock: Path = Path("/run/node-local-dns-agents.lock")
     xtables_wait: float = 2.0
     log_format: LogFormat = "auto"
     # CoreDNS's own output: "plain" passes its lines through unchanged ("[INFO] plugin/reload: ..."), as

@@ -19,8 +19,10 @@ from typing import BinaryIO, Literal
 
 import psutil
 
+from agent.config import IPAddress
 from agent.events import ChildExited, ChildOutput, ChildStopped, Event
 from agent.logs import get_logger, write_stdout
+from agent.sockets import listeners, serves, socket_inodes
 
 log = get_logger("coredns")
 
@@ -265,6 +267,12 @@ class CoreDnsProcess:
                         self._post(ChildOutput(pid, line))
         finally:
             pump.close()
+
+    def listening(self, ips: Sequence[IPAddress], port: int, *, ours: bool = True) -> bool:
+        """This CoreDNS (``ours``), or another process, has its UDP and TCP listeners bound on every address.
+        Another agent's CoreDNS shares them (SO_REUSEPORT): a probe answer alone does not tell which."""
+        inodes = socket_inodes(self.pid) if self._proc is not None else set()
+        return serves(listeners(), inodes, ips, port, ours=ours)
 
     def signal(self, signum: int) -> None:
         if self._proc is not None and self._proc.returncode is None:

@@ -84,6 +84,7 @@ def metrics_app(
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    allow_reuse_port = True  # a second agent on the node (a surge upgrade) listens on the same port
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -8,7 +8,8 @@ the kube-dns path meanwhile. What is installed is the packet filter's to know; t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 from agent.config import Settings
 from agent.events import Event, NetworkChanged
@@ -17,12 +18,16 @@ from agent.logs import get_logger
 from agent.metrics import Metrics
 from agent.netreconcile import NetworkReconciler
 from agent.netwatch import Watchers, watchers_for
+from agent.nodelock import NodeLock, NodeLockError
 from agent.packetfilter import PacketFilter
 from agent.stopflag import StopFlag
 from agent.teardown import remove_leftover_rules
 from agent.xtables import PacketFilterError, PacketFilterInterruptError, Xtables
 
 log = get_logger("network")
+
+# How long a starting agent waits for another agent's decision (its teardown is bounded at 10 s).
+JOIN_WAIT = 15.0
 
 
 class NodeNetwork:
@@ -35,25 +40,56 @@ class NodeNetwork:
         interface: Interface | None = None,
         packet_filter: PacketFilter | None = None,
         leftover_backends: Sequence[Xtables] | None = None,
+        node_lock: NodeLock | None = None,
     ) -> None:
         """The parts are built from ``settings`` unless given (tests give them fakes of the OS beneath)."""
         self.settings = settings
         self.metrics = metrics
+        self.stop = stop or StopFlag()
+        self.node_lock = node_lock or NodeLock(settings.agents_lock)
         if interface is None and settings.setup_interface:
             interface = Interface(settings.interface_name, settings.local_ips, metrics)
         self.interface = interface
         if packet_filter is None and settings.setup_iptables:
-            packet_filter = PacketFilter(settings, metrics, stop=stop or StopFlag())
+            packet_filter = PacketFilter(
+                settings, metrics, stop=self.stop, others=self.node_lock.others_alive
+            )
         self.packet_filter = packet_filter
         self.leftover_backends = leftover_backends
         self.reconciler = NetworkReconciler(self.interface, self.packet_filter, metrics)
         self._watchers: Watchers | None = None
 
     def remove_leftovers(self) -> None:
+        """Join the node's agents; an earlier run's leftovers go only when no other agent is alive (a live
+        agent's rules look just like leftovers)."""
         try:
-            remove_leftover_rules(self.settings, self.metrics, backends=self.leftover_backends)
-        except PacketFilterError as exc:
-            log.error("leftover rules not removed", error=str(exc), cause="retried by the next install")
+            self.node_lock.join()
+        except NodeLockError as exc:
+            log.error("agents lock not taken", error=str(exc), cause="acting as if no other agent were here")
+        with self.node_lock.turn(JOIN_WAIT, abort=self.stop):
+            if self.node_lock.others_alive():
+                log.info("joining another agent on this node", cause="the agents lock is held",
+                         leftovers="kept: they are its rules")  # fmt: skip
+                return
+            try:
+                remove_leftover_rules(self.settings, self.metrics, backends=self.leftover_backends)
+            except PacketFilterError as exc:
+                log.error("leftover rules not removed", error=str(exc), cause="retried by the next install")
+
+    @contextlib.contextmanager
+    def leaving(self, timeout: float) -> Iterator[bool]:
+        """The shutdown runs inside: True when this agent is the node's last and removes what it installed;
+        False when another agent stays, relying on the rules and the interface (only CoreDNS is stopped)."""
+        with self.node_lock.turn(timeout):
+            last = not self.node_lock.others_alive()
+            if not last:
+                log.info("leaving the node to another agent", cause="another agent holds the agents lock",
+                         kept="rules and interface")  # fmt: skip
+            try:
+                yield last
+            finally:
+                self.node_lock.leave()
+        self.node_lock.close()
 
     def setup_interface(self) -> list[str]:
         if self.interface is None:

@@ -91,8 +91,10 @@ class Converger:
         *,
         deadline: float,
         abort: Abort | None = None,
+        keep_others: bool = False,
     ) -> Converged:
-        """Raises PacketFilterError (XtablesLockError, PacketFilterInterruptError) when it cannot."""
+        """``keep_others``: add what is missing and remove duplicates, but keep rules not in ``wanted``.
+        Raises PacketFilterError (XtablesLockError, PacketFilterInterruptError) when it cannot."""
         applied: list[Plan] = []
         failures = lock_waits = 0
         while True:
@@ -106,7 +108,7 @@ class Converger:
             except PacketFilterError:
                 self.metrics.setup_errors.labels("iptables").inc()
                 raise
-            todo = plan(family, observed, wanted)
+            todo = plan(family, observed, wanted, keep_others=keep_others)
             if not todo:
                 return Converged(tuple(applied), seen)
             if len(applied) >= _MAX_APPLY_ATTEMPTS:
@@ -207,6 +209,10 @@ class PacketFilter:
     _backoff: float = field(default=0.0, init=False)
     # The shutdown latch (the supervisor's): once set, every operation but the shutdown's own fails at once.
     stop: StopFlag = field(default_factory=StopFlag)
+    # Whether another agent on the node is alive (the agents lock): while one is, changes only add rules,
+    # never remove one it may rely on (it may want host rules this agent's CoreDNS is not ready for yet).
+    others: Callable[[], bool] = lambda: False
+    _shared: bool = field(default=False, init=False)  # the last convergence kept others' rules
     _blind_warned: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -272,7 +278,8 @@ class PacketFilter:
         if not force:
             if now < self._retry_at:
                 return []
-            if self._converged and now < self._next_full_check and self._unchanged():
+            alone_now = self._shared and not self.others()  # the other agent left: converge to ours
+            if self._converged and now < self._next_full_check and self._unchanged() and not alone_now:
                 return []
         # After a failed change (the lock was held) the agent's own change is still pending: applying it is
         # a retry, not a repair of what another program did, and is not counted as one.
@@ -332,6 +339,7 @@ class PacketFilter:
             pod_rules=self._pod, probe_mark=s.probe_mark, socket_gate=s.socket_gate,
         )  # fmt: skip
         deadline = deadline or self._default_deadline()
+        shared = self._shared = self.others()
         changes: list[str] = []
         try:
             # A change to one family can move another's fingerprint (nf_tables numbers all transactions
@@ -339,7 +347,8 @@ class PacketFilter:
             for _ in range(2):
                 applied: list[Plan] = []
                 for family in self._families:
-                    done = self._converger.converge(family, wanted, deadline=deadline, abort=abort)
+                    done = self._converger.converge(family, wanted, deadline=deadline, abort=abort,
+                                                    keep_others=shared)  # fmt: skip
                     self._verified[family] = done.fingerprint
                     applied += done.plans
                 changes += [line for p in applied for line in p.describe()]

@@ -231,15 +231,17 @@ def _table_order(table: str) -> tuple[int, str]:
     return (TABLES.index(table) if table in TABLES else len(TABLES), table)
 
 
-def plan(family: Family, observed: Iterable[Rule], wanted: Iterable[Rule]) -> Plan:
+def plan(
+    family: Family, observed: Iterable[Rule], wanted: Iterable[Rule], *, keep_others: bool = False
+) -> Plan:
     """Converge ``observed`` (the tagged rules now present) to ``wanted``: keep one copy of each wanted rule,
-    delete every other tagged rule, insert what is missing."""
+    delete every other tagged rule (``keep_others``: keep one copy of those too), insert what is missing."""
     want = [r for r in wanted if r.family == family]
     have = Counter(r for r in observed if r.family == family)
     want_set = set(want)
     delete: list[Rule] = []
     for rule, count in have.items():
-        keep = 1 if rule in want_set else 0
+        keep = 1 if keep_others or rule in want_set else 0
         delete += [rule] * (count - keep)
     insert = [r for r in want if r not in have]
     return Plan(family, tuple(delete), tuple(insert))

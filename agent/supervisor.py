@@ -16,7 +16,8 @@ import queue
 import signal
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -49,6 +50,7 @@ class Network(Protocol):
     installed: the supervisor asks (``rules_in_place``), it does not keep a copy."""
 
     def remove_leftovers(self) -> None: ...
+    def leaving(self, timeout: float) -> AbstractContextManager[bool]: ...
     def setup_interface(self) -> list[str]: ...
     def prepare_rules(self) -> None: ...
     def install_rules(self, host_rules: bool) -> None: ...
@@ -122,6 +124,8 @@ class Timing:
     shutdown_budget: float = 10.0
     # Between removing the rules and stopping CoreDNS: queries already on their way to it are answered.
     drain: float = 0.2
+    # Handing the node to another agent: how long to wait for its CoreDNS to bind before ours stops.
+    handover_wait: float = 5.0
     # How often the status file, the watchdog and the memory gauges are refreshed: far inside the liveness
     # check's 10 s and systemd's 30 s watchdog, and cheap enough for the idle budget.
     heartbeat: float = 2.0
@@ -337,7 +341,9 @@ class Supervisor:
         self.metrics.probe_latency.observe(result.latency)
         if result.ok:
             self.probe_failures = self.wrong_answers = 0
-            if self.state is CoreDnsState.STARTING:
+            # Answered, but by whom? Another agent's CoreDNS on the same sockets answers too (a surge
+            # upgrade): this one is healthy once its own listeners are bound as well.
+            if self.state is CoreDnsState.STARTING and self._child_listening():
                 self._became_healthy()
             return
         self.metrics.probe_failures.labels("health" if "/health" in result.detail else "dns").inc()
@@ -471,6 +477,26 @@ class Supervisor:
         probe = replace(self.probe_settings, health_url=self.health_url())
         self.prober = self.prober_factory(probe, self.child.pid, self.post)
         self.prober.start()
+
+    def _child_listening(self, *, ours: bool = True) -> bool:
+        assert self.child is not None
+        return self.child.listening(self.settings.require_local_ips(), self.settings.dns_port, ours=ours)
+
+    def _await_other_coredns(self, deadline: float) -> None:
+        """Handing the node to another agent: its CoreDNS must have bound the addresses before ours stops
+        (the other agent may not be serving yet), or pods on the link-local address would find no one."""
+        if self.child is None or self.child.wait(timeout=0) is not None:
+            return
+        until = min(deadline, time.monotonic() + self.timing.handover_wait)
+        while not self._child_listening(ours=False):
+            if time.monotonic() >= until:
+                wait = self.timing.handover_wait
+                log.warning(
+                    "coredns stopped before the other agent's", waited=wait, cause="it did not bind in time"
+                )
+                return
+            self.sleep(0.05)
+        log.info("the other agent's coredns listens", cause="handing the node over")
 
     def _became_healthy(self) -> None:
         self.start_deadline = None
@@ -666,25 +692,37 @@ class Supervisor:
         cause = self.stop.reason or "shutdown"
         self.stop.request(cause)  # operations other than the shutdown's own now fail at once
         log.info("agent stopping", cause=cause)
-        teardown = not self.settings.skip_teardown
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("announce", lambda: self._stopping(cause)),
-            ("prober", self._stop_prober),
-        ]
-        if teardown:
-            steps += [
-                ("rules", lambda: self.network.remove_rules(deadline)),
-                ("drain", lambda: self._drain(deadline)),
-            ]
-        else:
-            steps += [("host rules", lambda: self.network.remove_host_rules(deadline))]
-        steps.append(("coredns", lambda: self._stop_coredns(deadline)))
-        if teardown:
-            steps.append(("interface", self.network.remove_interface))
-        steps += [
+        self._run_steps([("announce", lambda: self._stopping(cause)), ("prober", self._stop_prober)])
+        # Another agent on the node (a surge upgrade) keeps the rules and the interface: only the last agent
+        # out removes them. Its CoreDNS shares the sockets, so stopping ours loses no query.
+        with self.network.leaving(self._left(deadline, self.timing.shutdown_budget / 2)) as last:
+            teardown = last and not self.settings.skip_teardown
+            steps: list[tuple[str, Callable[[], None]]] = []
+            if teardown:
+                steps += [
+                    ("rules", lambda: self.network.remove_rules(deadline)),
+                    ("drain", lambda: self._drain(deadline)),
+                ]
+            elif last:
+                steps += [("host rules", lambda: self.network.remove_host_rules(deadline))]
+            else:
+                steps += [("handover", lambda: self._await_other_coredns(deadline))]
+            steps.append(("coredns", lambda: self._stop_coredns(deadline)))
+            if teardown:
+                steps.append(("interface", self.network.remove_interface))
+            self._run_steps(steps)
+        self._run_steps([
             ("config watchers", lambda: self.corefile.stop_watchers(self._left(deadline, 1.0))),
             ("network watchers", lambda: self.network.stop_watchers(self._left(deadline, 1.0))),
-        ]
+        ])  # fmt: skip
+        if last and self.settings.skip_teardown:
+            log.info("networking left in place", cause="-skipteardown")
+        self.state, self.cause = CoreDnsState.STOPPED, cause
+        log.info("agent stopped", seconds=round(time.monotonic() - started, 3))
+        return 0
+
+    def _run_steps(self, steps: Sequence[tuple[str, Callable[[], None]]]) -> None:
+        """Each step runs even if an earlier one failed."""
         for name, action in steps:
             # The rules get a second try: rules left pointing at a stopped CoreDNS are the one leftover
             # that costs DNS (pods are safe behind the kernel gate; the node's own queries are not).
@@ -696,11 +734,6 @@ class Supervisor:
                     error = f"{type(exc).__name__}: {exc}"
                     log.error("shutdown step failed", step=name, attempt=attempt, error=error,
                               traceback=traceback.format_exc())  # fmt: skip
-        if not teardown:
-            log.info("networking left in place", cause="-skipteardown")
-        self.state, self.cause = CoreDnsState.STOPPED, cause
-        log.info("agent stopped", seconds=round(time.monotonic() - started, 3))
-        return 0
 
     @staticmethod
     def _left(deadline: float, at_most: float) -> float:

@@ -113,6 +113,7 @@ class PodSpec:
         get = probe["httpGet"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["xtables-lock"]["hostPath"]["path"] == "/run/xtables.lock"
+        assert volumes["agents-lock"]["hostPath"]["path"] == "/run/node-local-dns-agents.lock"
         assert volumes["config-volume"]["configMap"]["items"] == [
             {"key": "Corefile", "path": "Corefile.base"}
         ]
@@ -152,11 +153,13 @@ class AgentContainer:
         self.corefile_dir = box.workdir / "node-local-dns-configmap"
         self.kubedns_dir = box.workdir / "kube-dns-configmap"
         self.xtables_lock = box.workdir / "xtables.lock"
+        self.agents_lock = box.workdir / "agents.lock"  # every pod on the node shares it
         if not self.corefile_dir.exists():
             publish(self.corefile_dir, {"Corefile.base": self.spec.corefile})
         if not self.kubedns_dir.exists() or kubedns is not None:
             publish(self.kubedns_dir, kubedns or {})
         self.xtables_lock.touch()
+        self.agents_lock.touch()
 
     def run_argv(self) -> list[str]:
         spec = self.spec
@@ -167,6 +170,7 @@ class AgentContainer:
             *(f"--cap-drop={c}" for c in spec.capabilities_drop),
             *(f"--cap-add={c}" for c in spec.capabilities_add),
             "--volume", f"{self.xtables_lock}:{mounts['xtables-lock']}",
+            "--volume", f"{self.agents_lock}:{mounts['agents-lock']}",
             "--volume", f"{self.corefile_dir}:{mounts['config-volume']}:ro",
             "--volume", f"{self.kubedns_dir}:{mounts['kube-dns-config']}:ro",
             "--volume", f"/etc/netns/{self.box.node}/resolv.conf:/etc/resolv.conf:ro",

@@ -131,6 +131,7 @@ class AgentProcess:
             "--iptables-mode", box.flavour,
             "--status-file", str(self.status_file),
             "--xtables-lock", str(box.workdir / "xtables.lock"),
+            "--agents-lock", str(box.workdir / "agents.lock"),
             "--log-format", "json",
             *extra,
         ]  # fmt: skip

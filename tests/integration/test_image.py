@@ -192,6 +192,26 @@ def test_podman_stop_tears_down_and_exits_0_within_the_grace_period_losing_no_qu
     assert any(e.get("event") == "agent stopped" for e in pod.events())
 
 
+def test_a_surge_upgrade_of_the_pod_keeps_the_node_served(box: sb.Sandbox, pod: AgentContainer) -> None:
+    """The DaemonSet's surge: the new pod starts next to the old one (the agents lock is a hostPath both
+    mount), serves, then the old pod is stopped; pods querying the link-local address lose no query."""
+    installed = sorted(our_rules(box))
+    load = Load(box, rate=500, duration=8, server=sb.LOCAL_IP)
+    time.sleep(1.0)
+    with AgentContainer(box, name="surge") as new:
+        new.wait_serving()
+        assert sorted(our_rules(box)) == installed
+        took = pod.stop()
+        assert pod.state()["ExitCode"] == 0, pod.tail()
+        assert took < pod.spec.grace_period, took
+        result = load.result()
+        assert result["failed"] <= 2, result  # what the old CoreDNS's socket had queued as it closed
+        assert any(e.get("event") == "leaving the node to another agent" for e in pod.events()), pod.tail()
+        assert sorted(our_rules(box)) == installed and local_answers(box)
+        new.stop()
+    assert our_rules(box) == [] and "nodelocaldns" not in box.exec(box.node, ["ip", "-brief", "link"])
+
+
 def test_podman_stop_while_the_nodes_xtables_lock_is_held_still_exits_0_in_time(
     legacy_box: sb.Sandbox, legacy_pod: AgentContainer
 ) -> None:

@@ -172,6 +172,14 @@ def test_the_configmap_corefile_is_upstreams_and_node_cache_can_run_it(
     assert {name for b in blocks for name, _ in b.directives} <= NODE_CACHE_DIRECTIVES
 
 
+def test_upgrades_surge_so_that_no_node_is_without_dns(deployed: dict[str, dict[str, Any]]) -> None:
+    strategy = deployed["DaemonSet/node-local-dns"]["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert "ports" not in container(
+        deployed
+    )  # with hostNetwork they would be host ports, blocking the surge pod
+
+
 def test_the_grace_period_covers_the_bounded_shutdown(deployed: dict[str, dict[str, Any]]) -> None:
     assert pod_spec(deployed)["terminationGracePeriodSeconds"] >= SHUTDOWN_BUDGET + 5
 
@@ -182,8 +190,8 @@ def test_the_xtables_lock_and_both_configmaps_are_mounted_where_the_agent_looks(
     volumes = {v["name"]: v for v in pod_spec(deployed)["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container(deployed)["volumeMounts"]}
     defaults = Settings()
-    lock = mounts[str(defaults.xtables_lock)]
-    assert lock["hostPath"] == {"path": str(defaults.xtables_lock), "type": "FileOrCreate"}
+    for path in (defaults.xtables_lock, defaults.agents_lock):  # both shared with the node, hence hostPaths
+        assert mounts[str(path)]["hostPath"] == {"path": str(path), "type": "FileOrCreate"}
     assert mounts["/etc/kube-dns"]["configMap"] == {"name": "kube-dns", "optional": True}
     base = mounts[str(defaults.base_corefile.parent)]["configMap"]
     assert base["name"] == "node-local-dns"
@@ -201,10 +209,8 @@ def test_both_metrics_endpoints_are_exposed(deployed: dict[str, dict[str, Any]])
     agent_port = int(Settings().metrics_listen_address.rpartition(":")[2])
     coredns_ports = {int(p) for p in re.findall(r"prometheus :(\d+)", corefile(deployed))}
     assert coredns_ports == {9253}
-    ports = {p["containerPort"] for p in container(deployed)["ports"] if p["protocol"] == "TCP"}
-    assert {agent_port, 9253} <= ports
-    service = {p["port"] for p in deployed["Service/node-local-dns"]["spec"]["ports"]}
-    assert service == {agent_port, 9253}
+    service = {(p["port"], p["targetPort"]) for p in deployed["Service/node-local-dns"]["spec"]["ports"]}
+    assert service == {(agent_port, agent_port), (9253, 9253)}  # by number: the pod declares no ports
     # Annotation-based scraping reaches the port that has everything (the agent's series and CoreDNS's).
     for annotated in (
         deployed["Service/node-local-dns"],

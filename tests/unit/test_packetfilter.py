@@ -125,6 +125,24 @@ def test_host_rules_asked_before_install_wait_for_install() -> None:
     assert ours(fake) == expected(True)
 
 
+def test_while_another_agent_is_alive_changes_only_add_and_alone_again_the_rules_converge() -> None:
+    fake = FakeIptables()
+    first, _ = make(fake)
+    first.install(host_rules=True)  # the serving agent
+    others = [True]
+    second, _ = make(fake)
+    second.others = lambda: others[0]
+    second.prepare()  # a starting agent wants only its probe rules: the serving one's stay
+    assert ours(fake) == expected(True)
+    second.install(host_rules=False)
+    assert second.set_host_rules(False) == [] and ours(fake) == expected(True)
+    assert second.reconcile() == [] and ours(fake) == expected(True)
+    others[0] = False  # the serving agent left: the next reconcile converges to this one's rules
+    second.clock.now += 1  # type: ignore[attr-defined]
+    removed = second.reconcile()
+    assert ours(fake) == expected(False) and removed and all(c.startswith("removed") for c in removed)
+
+
 def test_reconcile_forks_nothing_while_the_fingerprint_holds() -> None:
     fake = FakeIptables()
     clock = Clock()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +44,16 @@ class FakeNetwork:
     fail_install: bool = False
     installed: bool = False
     host: bool = False
+    others_alive: bool = False  # another agent holds the agents lock
 
     def remove_leftovers(self) -> None:
         self.calls.log.append("remove_leftovers")
+
+    @contextlib.contextmanager
+    def leaving(self, timeout: float) -> Iterator[bool]:
+        self.calls.log.append("leaving: " + ("handover" if self.others_alive else "last"))
+        yield not self.others_alive
+        self.calls.log.append("left")
 
     def setup_interface(self) -> list[str]:
         self.calls.log.append("setup_interface")
@@ -153,6 +161,11 @@ class FakeChild:
 
     def memory(self) -> tuple[int, int] | None:
         return (10 << 20, 12 << 20) if self.alive else None
+
+    def listening(self, ips: object, port: int, *, ours: bool = True) -> bool:
+        return self.alive if ours else self.others_listening
+
+    others_listening = True  # another agent's CoreDNS has bound the addresses
 
 
 class FakeCgroup(Cgroup):
@@ -339,8 +352,25 @@ def test_sigterm_hands_dns_to_kube_dns_before_coredns_stops_then_removes_the_int
     assert h.sup.stop_requested == "received SIGTERM"
     assert h.sup.shutdown() == 0
     # Every rule (host rules included) goes before CoreDNS stops; the watchers, bounded, go last.
-    tail = h.calls.log[-4:]
-    assert tail == ["remove_rules", f"signal {pid} SIGTERM", "remove_interface", "stop network watchers"]
+    tail = h.calls.log[-6:]
+    assert tail == ["leaving: last", "remove_rules", f"signal {pid} SIGTERM", "remove_interface", "left",
+                    "stop network watchers"]  # fmt: skip
+
+
+@pytest.mark.parametrize("skip_teardown", [False, True])
+def test_with_another_agent_on_the_node_the_shutdown_only_stops_coredns(
+    tmp_path: Path, h: Harness, skip_teardown: bool
+) -> None:
+    h.probe(ok=True)
+    object.__setattr__(
+        h.sup, "settings", Settings(skip_teardown=skip_teardown, status_file=tmp_path / "s.json")
+    )
+    h.network.others_alive = True
+    assert h.sup.shutdown() == 0
+    # The other agent's CoreDNS serves on the same sockets: the rules (host rules too) and the interface stay.
+    start = h.calls.log.index("leaving: handover")
+    assert h.calls.log[start : start + 3] == ["leaving: handover", f"signal {h.child.pid} SIGTERM", "left"]
+    assert not {"remove_rules", "remove_host_rules", "remove_interface"} & set(h.calls.log)
 
 
 def test_skipteardown_leaves_the_networking_but_not_the_host_rules(tmp_path: Path, h: Harness) -> None:
@@ -440,10 +470,11 @@ def test_an_unexpected_error_in_the_loop_is_logged_once_then_the_same_shutdown_r
     h.network.reconcile = broken  # type: ignore[method-assign]
     assert h.sup.run() == 1
     pid = h.child.pid
-    assert h.calls.log[-4:] == [
+    assert h.calls.log[-5:] == [
         "remove_rules",
         f"signal {pid} SIGTERM",
         "remove_interface",
+        "left",
         "stop network watchers",
     ]
     out = capsys.readouterr().out
@@ -460,7 +491,12 @@ def test_an_error_inside_one_shutdown_step_does_not_skip_the_others(h: Harness) 
 
     h.network.remove_rules = broken  # type: ignore[method-assign]
     assert h.sup.shutdown() == 0
-    assert h.calls.log[-3:] == [f"signal {h.child.pid} SIGTERM", "remove_interface", "stop network watchers"]
+    assert h.calls.log[-4:] == [
+        f"signal {h.child.pid} SIGTERM",
+        "remove_interface",
+        "left",
+        "stop network watchers",
+    ]
 
 
 def test_a_dead_watcher_thread_stops_the_agent_cleanly_with_a_non_zero_exit(

@@ -109,6 +109,9 @@ class Child:
     def wait(self, timeout: float) -> int | None:
         return None if self.alive else 0
 
+    def listening(self, ips: object, port: int, *, ours: bool = True) -> bool:
+        return self.alive and ours
+
     def memory(self) -> tuple[int, int] | None:
         return (10 << 20, 12 << 20) if self.alive else None
 
@@ -197,6 +200,7 @@ class SupervisorModel(RuleBasedStateMachine):
         s = Settings(
             local_ips=LOCAL_IPS,
             status_file=self.tmp / "status.json",
+            agents_lock=self.tmp / "agents.lock",
             host_failover=host_failover,
             iptables_mode="legacy",
         )

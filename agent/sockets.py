@@ -1,0 +1,89 @@
+"""Which process holds the DNS listeners, read from /proc (no process started, a few files read).
+
+CoreDNS binds its listeners with SO_REUSEPORT, so two CoreDNS processes on one node (a surge upgrade) share
+the addresses: a probe answered on an address says that someone serves it, not that this agent's CoreDNS
+does. These functions tell the two apart by socket inode: a process's sockets are the ``socket:[INODE]``
+links among its open files; the network namespace's UDP and TCP tables list each socket's address, state and
+inode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import IPAddress
+
+_TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class Listener:
+    proto: str  # "udp" or "tcp"
+    ip: IPAddress
+    port: int
+    inode: int
+
+
+def _address(hex_address: str) -> tuple[IPAddress, int]:
+    """``0A14FEA9:0035`` (IPv4) or 32 hex digits (IPv6), each 32-bit word in host byte order."""
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+    return ipaddress.ip_address(words), int(port, 16)
+
+
+def listeners(proc: Path = Path("/proc/self")) -> list[Listener]:
+    """Bound UDP sockets and listening TCP sockets in the network namespace of ``proc``."""
+    found: list[Listener] = []
+    for proto in ("udp", "tcp"):
+        for table in (proto, proto + "6"):
+            try:
+                lines = (proc / "net" / table).read_text().splitlines()[1:]
+            except OSError:
+                continue  # no IPv6 in this namespace
+            for line in lines:
+                fields = line.split()
+                if proto == "tcp" and fields[3] != _TCP_LISTEN:
+                    continue
+                ip, port = _address(fields[1])
+                found.append(Listener(proto, ip, port, int(fields[9])))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process ``pid`` has open (empty when it is gone)."""
+    inodes: set[int] = set()
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def serves(
+    found: Iterable[Listener], inodes: set[int], ips: Iterable[IPAddress], port: int, *, ours: bool
+) -> bool:
+    """Every address has a UDP and a TCP listener on ``port`` (the address itself or the wildcard) whose
+    socket is among ``inodes`` (``ours``) or is not (another process's)."""
+    found = list(found)
+    for ip in ips:
+        wildcard = ipaddress.ip_address("::" if ip.version == 6 else "0.0.0.0")
+        for proto in ("udp", "tcp"):
+            if not any(
+                s.proto == proto and s.port == port and s.ip in (ip, wildcard) and (s.inode in inodes) == ours
+                for s in found
+            ):
+                return False
+    return True
