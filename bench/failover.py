@@ -11,6 +11,11 @@ How node-cache's behaviour is reproduced (it cannot be built here; see :mod:`ben
 - "SIGSTOP CoreDNS" stops node-cache; nothing notices within the run (its liveness probe is an httpGet with
   periodSeconds 10 and failureThreshold 3: about 30 s). Modelled as SIGSTOP of the agent and CoreDNS.
 - A rolling restart is SIGTERM (node-cache removes its rules and exits), then a new pod.
+- A surge upgrade, measured on the link-local address (where no kube-dns stands behind the cache): the
+  agent's new pod starts next to the old one, serves, then the old one gets SIGTERM. node-cache's manifest
+  cannot surge (its container ports are host ports, so the scheduler refuses a second pod on the node, and a
+  second node-cache would remove the first one's rules at its start), so its upgrade is the rolling restart,
+  here measured on the link-local address too.
 - A stub-domain change reaches node-cache through its kube-dns ConfigMap poll (every 10 s) and then the
   ``reload`` plugin (every 30 s ± 7.5 s): no query fails either way, but the new domain answers only after
   about 20 s on average (47.5 s at most). That delay is modelled, not measured; the queries failed during the
@@ -49,6 +54,7 @@ SCENARIOS = (
     "sigstop_coredns",
     "sigkill_agent_and_coredns",
     "rolling_restart",
+    "surge_upgrade_link_local",
     "stub_domain_reload",
 )
 TITLES = {
@@ -56,6 +62,7 @@ TITLES = {
     "sigstop_coredns": "SIGSTOP CoreDNS",
     "sigkill_agent_and_coredns": "SIGKILL agent and CoreDNS together",
     "rolling_restart": "rolling restart (SIGTERM, then a new agent)",
+    "surge_upgrade_link_local": "upgrade, link-local address (ours: surge; node-cache: rolling restart)",
     "stub_domain_reload": "stub-domain reload",
 }
 
@@ -128,6 +135,20 @@ def _rolling_restart(node: Node, kind: Kind, agent: AgentProcess, plan: Failover
     return {**stopped, **_restart_later(node, kind, agent, plan)}
 
 
+def _surge_upgrade(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    if kind == "node_cache":
+        return _rolling_restart(node, kind, agent, plan)
+    began = time.monotonic()
+    box = node.box
+    # Its own Corefile and pidfile, as each pod has; the agents lock is the sandbox's, shared.
+    node.start_agent(kind, extra=["-conf", str(box.workdir / "Corefile.surge"),
+                                  "-pidfile", str(box.workdir / "coredns.surge.pid")])  # fmt: skip
+    serving = time.monotonic()
+    agent.stop()
+    return {"new_agent_serving_after_s": round(serving - began, 3),
+            "old_agent_stopped_in_s": round(time.monotonic() - serving, 3)}  # fmt: skip
+
+
 def _stub_domain_reload(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
     box = node.box
     changed = time.monotonic()
@@ -147,8 +168,11 @@ FAULTS: dict[str, Fault] = {
     "sigstop_coredns": _sigstop_coredns,
     "sigkill_agent_and_coredns": _sigkill_agent_and_coredns,
     "rolling_restart": _rolling_restart,
+    "surge_upgrade_link_local": _surge_upgrade,
     "stub_domain_reload": _stub_domain_reload,
 }
+# Where the pod's load goes: the kube-dns ClusterIP unless the scenario says otherwise.
+SERVERS = {"surge_upgrade_link_local": sb.LOCAL_IP}
 
 
 def run_scenario(node: Node, kind: Kind, scenario: str, plan: FailoverPlan) -> dict[str, Any]:
@@ -156,8 +180,9 @@ def run_scenario(node: Node, kind: Kind, scenario: str, plan: FailoverPlan) -> d
     The node is reset afterwards, also on failure."""
     try:
         agent = node.start_agent(kind)
-        node.warm(node.box.pod(0), sb.KUBE_DNS_IP, [SERVICE])
-        load = node.load(rate=plan.rate, duration=plan.duration)
+        server = SERVERS.get(scenario, sb.KUBE_DNS_IP)
+        node.warm(node.box.pod(0), server, [SERVICE])
+        load = node.load(rate=plan.rate, duration=plan.duration, server=server)
         start = load.started()
         time.sleep(max(0.0, start + plan.fault_at - time.monotonic()))
         fault = time.monotonic()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from tests import sandbox as sb
@@ -156,8 +157,10 @@ class Node:
         self._names = itertools.count()
 
     # Agents -------------------------------------------------------------------------------------------
-    def start_agent(self, kind: Kind, *, wait: bool = True, timeout: float = 20.0) -> AgentProcess:
-        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=agent_flags(kind))
+    def start_agent(
+        self, kind: Kind, *, wait: bool = True, timeout: float = 20.0, extra: Sequence[str] = ()
+    ) -> AgentProcess:
+        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=[*agent_flags(kind), *extra])
         self.agents.append(agent)
         agent.start()
         if wait:

@@ -105,6 +105,11 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "then CoreDNS stopped), so this row does not model node-cache's own shutdown: it removes its "
         "interface, then its rules one iptables call at a time, then stops CoreDNS; what that order loses "
         "is not measured here.",
+        "- *Upgrade on the link-local address*: the pod's queries go to the local address, which has no "
+        "kube-dns behind it (IPVS mode, or a pod's own `dnsConfig`). The agent's upgrade surges: the new "
+        "agent starts next to the old one and serves on the same sockets before the old one gets SIGTERM "
+        '(README, "Upgrades"). node-cache\'s manifest cannot surge (its ports are host ports; a second '
+        "node-cache would remove the first one's rules), so its row is the rolling restart, on this address.",
         "- *Stub-domain reload*: queries failed are measured with a SIGUSR1 reload (the in-process restart "
         "the `reload` plugin also performs); the time until node-cache answers for the new domain is "
         f"modelled from its ConfigMap poll (10 s) and the reload plugin's interval (30 s ± 7.5 s): "
