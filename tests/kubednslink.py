@@ -1,11 +1,13 @@
-"""The sandbox's kube-dns link made slow, as if kube-dns ran on another node.
+"""The sandbox's kube-dns link made slow or cut, as if kube-dns ran on another node (or that node were gone).
 
-It acts inside the kube-dns namespace only (its own iptables, never the node's, where the agent's rules
+Both act inside the kube-dns namespace only (its own iptables, never the node's, where the agent's rules
 live), on every packet of its link to the node: the ClusterIP path (kube-proxy's DNAT) and the cache's
 forwards to kube-dns-upstream alike. IPv4 only: the paths the tests and benchmarks time are IPv4.
 
 - :func:`delayed` holds each packet ``one_way_ms`` on its way in and again on its way out (so a round trip
   gains twice that), with :mod:`tests.linkdelay` on an NFQUEUE: this kernel has no ``tc netem``.
+- :func:`unreachable` drops every DNS packet to kube-dns (UDP and TCP port 53): a blackhole, as a partitioned
+  node or a dead kube-dns pod behind a stale endpoint looks; nothing answers, nothing is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ QUEUE_RULES = (
     ("INPUT", "-i", "eth0"),
     ("OUTPUT", "-o", "eth0"),
 )
+DROP_RULES = (("udp",), ("tcp",))
 
 
 def _iptables(box: sb.Sandbox, action: str, chain: str, *spec: str) -> None:
@@ -61,3 +64,18 @@ def delayed(box: sb.Sandbox, one_way_ms: float) -> Iterator[dict[str, object]]:
         lines = [line for line in out.decode().splitlines() if line.startswith("{")]
         if lines:
             figures.update(json.loads(lines[-1]))
+
+
+@contextlib.contextmanager
+def unreachable(box: sb.Sandbox) -> Iterator[None]:
+    """kube-dns gets no DNS packet while inside: queries to it (and the cache's forwards) go unanswered."""
+    added: list[tuple[str, ...]] = []
+    try:
+        for (proto,) in DROP_RULES:
+            spec = ("INPUT", "-i", "eth0", "-p", proto, "--dport", "53", "-j", "DROP")
+            _iptables(box, "-A", *spec)
+            added.append(spec)
+        yield
+    finally:
+        for spec in added:
+            _iptables(box, "-D", *spec)
