@@ -3,7 +3,8 @@ gives every scenario the same starting point.
 
 Two kinds of agent run here. ``ours`` is the agent as shipped. ``node_cache`` is the same agent with
 node-cache's behaviour switched on (``--socket-gate=false``: node-cache's PREROUTING NOTRACK rule without
-the socket match; ``--host-failover=false``: host rules kept whatever CoreDNS's health). The real node-cache
+the socket match; ``--host-failover=false``: host rules kept whatever CoreDNS's health; ``--serve-stale=0``:
+its Corefile's cache, without serve_stale). The real node-cache
 cannot be built here (the Go module proxy refuses ``k8s.io/dns``), so what its process does when it dies,
 hangs or is restarted is reproduced by the scenarios in :mod:`bench.failover`.
 """
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from tests import sandbox as sb
@@ -29,7 +31,7 @@ from tests.configmapdir import publish
 Kind = Literal["ours", "node_cache"]
 KINDS: tuple[Kind, ...] = ("ours", "node_cache")
 LABELS: dict[Kind, str] = {"ours": "agent", "node_cache": "node-cache behaviour"}
-BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false")
+BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false", "--serve-stale=0")
 SERVICE = "web.default.svc.cluster.local"
 SERVICE_IP = "10.96.10.20"
 LOCAL_IPS = (sb.LOCAL_IP, sb.KUBE_DNS_IP)
@@ -156,8 +158,10 @@ class Node:
         self._names = itertools.count()
 
     # Agents -------------------------------------------------------------------------------------------
-    def start_agent(self, kind: Kind, *, wait: bool = True, timeout: float = 20.0) -> AgentProcess:
-        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=agent_flags(kind))
+    def start_agent(
+        self, kind: Kind, *, wait: bool = True, timeout: float = 20.0, extra: Sequence[str] = ()
+    ) -> AgentProcess:
+        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=[*agent_flags(kind), *extra])
         self.agents.append(agent)
         agent.start()
         if wait:
