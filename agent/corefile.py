@@ -78,7 +78,8 @@ STALE_VERIFY_TIMEOUT = "500ms"
 STALE_RESPONSE_TTL = "0s"
 # - after a failed refresh, the stale entry is served without asking kube-dns again for this long: one
 #   attempt per name per 10 s instead of one per query (and, in verify mode, one waiting client instead of
-#   all of them), so a failing kube-dns is not hammered; fresh answers return at most 10 s after it recovers.
+#   all of them), so a failing kube-dns is not hammered. Fresh answers return once a refresh succeeds: within
+#   about 15 s of kube-dns's return (a failed refresh takes the forward plugin's 5 s, then this recheck).
 STALE_FAILURE_RECHECK = "10s"
 
 _PLACEHOLDER = re.compile(r"__PILLAR__[A-Za-z0-9_]*")
