@@ -25,9 +25,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check agent tests bench
 	$(VENV)/bin/mypy
 
-# Benchmarks in node sandboxes (root): `make bench` (about 15 minutes) writes bench/results/ (JSON, the
+# Benchmarks in node sandboxes (root): `make bench` (about 17 minutes) writes bench/results/ (JSON, the
 # README section, the SIGKILL plot) and the README section between the bench markers; `make bench-quick`
-# (under a minute) runs every measurement once into build/bench-quick/ to keep the harness working.
+# (about 75 s) runs every measurement once into build/bench-quick/ to keep the harness working.
 bench: setup
 	$(PY) -m bench.run --out bench/results --readme README.md --command "make bench"
 

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     b("--log-format", dest="log_format", choices=["auto", "json", "console"])
     b("--coredns-logs", dest="coredns_logs", choices=["plain", "json"],
       help="CoreDNS's lines unchanged (plain, default: as node-cache's) or as JSON events")  # fmt: skip
+    b("--serve-stale", dest="serve_stale", type=_typed(parse_duration, "--serve-stale"), metavar="DURATION",
+      help="answer from expired cache entries this long when kube-dns fails (1h; 0: off)")  # fmt: skip
+    b("--serve-stale-mode", dest="serve_stale_mode", choices=["verify", "immediate"],
+      help="verify (default): ask kube-dns first; immediate: the stale answer at once")  # fmt: skip
     _bool_flag(
         ours,
         "socket_gate",

@@ -12,6 +12,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IptablesMode = Literal["auto", "legacy", "nft"]
 LogFormat = Literal["auto", "json", "console"]
 CorednsLogs = Literal["plain", "json"]
+ServeStaleMode = Literal["verify", "immediate"]
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -85,6 +86,13 @@ class Settings:
     # conntrack, so they reach CoreDNS even while kube-proxy still DNATs the kube-dns ClusterIP. One bit,
     # clear of kube-proxy's 0x4000/0x8000 and of Calico's and Weave's upper bits.
     probe_mark: int = 0x2000
+    # CoreDNS's cache answers with an expired entry, for up to this long after it expired, when kube-dns (or
+    # an upstream) gives no answer; 0 turns it off. On by default: the cache is the node's last line when
+    # kube-dns or the path to it fails, and in "verify" mode nothing changes while kube-dns answers.
+    serve_stale: float = 3600.0
+    # "verify": kube-dns is asked first and the stale entry goes out only when it fails or stays silent
+    # (corefile.STALE_VERIFY_TIMEOUT); "immediate": the stale entry goes out at once, refreshed behind it.
+    serve_stale_mode: ServeStaleMode = "verify"
     # node-cache's behaviour, for the benchmarks' side-by-side baseline only: no kernel gate on the pod
     # rules (socket_gate=False) and host rules kept whatever CoreDNS's health (host_failover=False).
     socket_gate: bool = True
@@ -111,6 +119,8 @@ class Settings:
             raise ConfigError(f"--probe-mark: {self.probe_mark:#x} is not a single bit of a 32-bit mark")
         if self.check_max_age <= 0:
             raise ConfigError(f"--check-max-age: {self.check_max_age}s must be positive")
+        if self.serve_stale < 0:
+            raise ConfigError(f"--serve-stale: {self.serve_stale}s is negative (0 turns it off)")
         if self.kubedns_configmap_api is not None and self.kubedns_configmap_api.count("/") != 1:
             raise ConfigError(
                 f"--kubedns-configmap-api: {self.kubedns_configmap_api!r} is not NAMESPACE/NAME"

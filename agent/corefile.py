@@ -66,6 +66,22 @@ MAX_RESOLV_CONF_NAMESERVERS = 3
 MAX_TEMPLATE_BYTES = 1024 * 1024
 STUB_CACHE_TTL = 30
 
+# serve_stale's settings besides its duration and mode (--serve-stale, --serve-stale-mode), in the order the
+# cache plugin takes them (CoreDNS v1.14: serve_stale DURATION verify [TIMEOUT [TTL [RECHECK]]], or immediate
+# [TTL [RECHECK]]):
+# - verify's timeout: how long kube-dns gets before the stale answer goes out; a blackholed kube-dns would
+#   otherwise hold each query for the forward plugin's 5 s, past the clients' own timeouts (glibc's
+#   `timeout:1` is the shortest common one). A healthy kube-dns on another node answers in milliseconds.
+STALE_VERIFY_TIMEOUT = "500ms"
+# - the TTL of a stale answer: 0 (CoreDNS's default). The cache's clients are the pods' stub resolvers, which
+#   keep nothing: with 0 they ask again and get the fresh answer as soon as the cache has it.
+STALE_RESPONSE_TTL = "0s"
+# - after a failed refresh, the stale entry is served without asking kube-dns again for this long: one
+#   attempt per name per 10 s instead of one per query (and, in verify mode, one waiting client instead of
+#   all of them), so a failing kube-dns is not hammered. Fresh answers return once a refresh succeeds: within
+#   about 15 s of kube-dns's return (a failed refresh takes the forward plugin's 5 s, then this recheck).
+STALE_FAILURE_RECHECK = "10s"
+
 _PLACEHOLDER = re.compile(r"__PILLAR__[A-Za-z0-9_]*")
 _UPSTREAM_FORWARD = re.compile(r"^\s*forward\s+\.\s+" + UPSTREAM_SERVERS + r"\s*\{\s*$")
 
@@ -88,12 +104,15 @@ def render(
     kubedns: KubeDnsConfig,
     upstream_servers: Sequence[str] = (),
     prometheus_endpoint: str = Settings.prometheus_listen_address,
+    serve_stale: str | None = None,
 ) -> str:
     """The Corefile for these inputs.
 
     ``upstream_servers`` is the fallback for ``.`` when the ConfigMap names no ``upstreamNameservers`` (the
     node's resolv.conf nameservers). Custom upstreams drop ``force_tcp`` from the ``.`` forward, as node-cache
-    does (UDP-only resolvers broke otherwise); stub domains are forwarded over UDP for the same reason."""
+    does (UDP-only resolvers broke otherwise); stub domains are forwarded over UDP for the same reason.
+    ``serve_stale`` (a ``serve_stale …`` line, see :func:`serve_stale_directive`) goes into every ``cache``
+    that has none."""
     if not local_ips:
         raise CorefileError("-localip: no local address given (e.g. -localip 169.254.20.10,10.96.0.10)")
     domain = normalize_domain(cluster_domain, "--cluster-domain", CorefileError)
@@ -141,7 +160,51 @@ def render(
         body += (
             f"{READY_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n    ready {ready}\n}}\n"
         )
+    if serve_stale:
+        body = "\n".join(_with_serve_stale(body.splitlines(), serve_stale)) + "\n"
     return body
+
+
+def serve_stale_directive(seconds: float, mode: str) -> str | None:
+    """The ``serve_stale`` line for ``--serve-stale`` and ``--serve-stale-mode``; None when it is off."""
+    if seconds <= 0:
+        return None
+    timeout = f" {STALE_VERIFY_TIMEOUT}" if mode == "verify" else ""
+    return f"serve_stale {seconds:g}s {mode}{timeout} {STALE_RESPONSE_TTL} {STALE_FAILURE_RECHECK}"
+
+
+def _with_serve_stale(lines: list[str], directive: str) -> list[str]:
+    """``directive`` in every server block's ``cache``: ``cache 30`` becomes a block holding it; a ``cache {``
+    block gets it as its first line, unless it has a ``serve_stale`` of its own (the template's wins)."""
+    out: list[str] = []
+    depth = 0
+    for number, line in enumerate(lines):
+        tokens = [token for _, token in _tokens(line)]
+        if depth == 1 and tokens[:1] == ["cache"] and "}" not in tokens:
+            indent = line[: len(line) - len(line.lstrip())]
+            if "{" not in tokens:
+                out += [f"{line.rstrip()} {{", f"{indent}    {directive}", f"{indent}}}"]
+                continue
+            if tokens[-1] == "{" and not _block_has(lines[number + 1 :], "serve_stale"):
+                out += [line, f"{indent}    {directive}"]
+                depth += 1
+                continue
+        depth += tokens.count("{") - tokens.count("}")
+        out.append(line)
+    return out
+
+
+def _block_has(lines: list[str], directive: str) -> bool:
+    """Whether the block whose body starts at ``lines[0]`` holds ``directive`` at its top level."""
+    depth = 0
+    for line in lines:
+        tokens = [token for _, token in _tokens(line)]
+        if depth == 0 and tokens[:1] == [directive]:
+            return True
+        depth += tokens.count("{") - tokens.count("}")
+        if depth < 0:
+            return False
+    return False
 
 
 def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str | None = None) -> str:
@@ -461,6 +524,7 @@ class CorefileBuilder:
                 kubedns=kubedns,
                 upstream_servers=self.resolv_conf_nameservers() if needs_upstreams else (),
                 prometheus_endpoint=s.prometheus_listen_address,
+                serve_stale=serve_stale_directive(s.serve_stale, s.serve_stale_mode),
             )
         )
         return Rendered.of(text)

@@ -35,6 +35,7 @@ class ProbeResult:
     latency: float  # seconds, the slowest of the round's DNS probes
     silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
     wrong_answer: bool = False  # answered, but not as CoreDNS answers the probe zone (see health.Outcome)
+    busy: bool = False  # silent, but CoreDNS used the CPU meanwhile: a backlog, not a hang (health.BusyMeter)
     at: float = 0.0  # time.monotonic() when the round ended (0: unknown)
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from agent.config import IPAddress
 from agent.events import Event, ProbeResult
@@ -34,6 +35,11 @@ class ProbeSettings:
     mark: int | None = None  # SO_MARK for the DNS probes (the probe rules match it)
     interval: float = 0.5  # seconds between rounds
     timeout: float = 0.5  # seconds per DNS query and per HTTP request
+    # Datagrams per DNS probe: while unanswered, the same query again every timeout/sends. A CoreDNS that is
+    # merely busy (a burst of uncached names against a slow kube-dns) lets its receive queue overflow, and a
+    # single probe datagram dropped there looked like silence: three such rounds killed a serving CoreDNS.
+    # It answers one of several; a hung CoreDNS answers none. Idle, the first is answered: no extra cost.
+    sends: int = 5
     # /health is asked every this many rounds (2 s): the DNS probes catch a hang; /health adds CoreDNS's own
     # view of itself at a quarter of the cost.
     health_every: int = 4
@@ -74,27 +80,30 @@ def probe_query(name: str) -> bytes:
 
 
 def probe_dns(
-    address: IPAddress, port: int, name: str, timeout: float, *, mark: int | None = None, query: bytes = b""
+    address: IPAddress,
+    port: int,
+    name: str,
+    timeout: float,
+    *,
+    mark: int | None = None,
+    query: bytes = b"",
+    sends: int = 1,
 ) -> Outcome:
-    """One UDP query; healthy when CoreDNS answers NOERROR with at least one answer record.
+    """One UDP query, sent up to ``sends`` times within ``timeout`` while unanswered; healthy when CoreDNS
+    answers NOERROR with at least one answer record.
 
     Hand-rolled on a plain socket (the header is all it reads): it runs twice a second on every node, and
     the agent's whole idle budget is a fraction of a percent of a core."""
     wire = os.urandom(2) + (query or probe_query(name))[2:]
     started = time.monotonic()
+    deadline = started + timeout
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.settimeout(timeout)
             sock.connect((str(address), port))
-            sock.send(wire)
-            while True:  # skip stray datagrams until ours (same id) arrives or the time is up
-                sock.settimeout(max(0.001, timeout - (time.monotonic() - started)))
-                reply = sock.recv(4096)
-                if len(reply) >= 12 and reply[:2] == wire[:2]:
-                    break
+            reply = _exchange(sock, wire, deadline, max(1, sends))
     except TimeoutError:
         return Outcome(False, f"no answer from {address}:{port} within {timeout}s", timeout, silent=True)
     except OSError as exc:
@@ -106,6 +115,28 @@ def probe_dns(
         text = _RCODES[rcode] if rcode < len(_RCODES) else f"RCODE{rcode}"
         return Outcome(False, f"{address}:{port} answered {text} for {name}", latency, wrong_answer=True)
     return Outcome(True, "ok", latency)
+
+
+def _exchange(sock: socket.socket, wire: bytes, deadline: float, sends: int) -> bytes:
+    """Send ``wire``, again at even steps until ``deadline`` while no reply with its id came; the reply.
+    Stray datagrams (another id) are skipped. TimeoutError when none came by the deadline."""
+    step = (deadline - time.monotonic()) / sends
+    next_send = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError
+        if sends and now >= next_send:
+            sock.send(wire)
+            sends -= 1
+            next_send = now + step if sends else deadline
+        sock.settimeout(max(0.001, min(next_send, deadline) - now))
+        try:
+            reply = sock.recv(4096)
+        except TimeoutError:
+            continue
+        if len(reply) >= 12 and reply[:2] == wire[:2]:
+            return reply
 
 
 class HealthEndpoint:
@@ -136,6 +167,60 @@ class HealthEndpoint:
         self._connection.close()
 
 
+# A silent probe round is a hang only while CoreDNS is idle: one that used at least this share of a core
+# since the previous silent round is working through a backlog (a burst), not hung; a deadlocked or stopped
+# Go process uses next to nothing.
+BUSY_CPU_SHARE = 0.1
+# ...but a CoreDNS that keeps a core busy and answers no probe for this many rounds in a row (10 s and more)
+# is hung all the same (a livelock): its later busy rounds count as silence again.
+MAX_BUSY_ROUNDS = 20
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time the kernel counted for process ``pid`` (all its threads, user and system); None when
+    it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class BusyMeter:
+    """Tells a busy CoreDNS from a hung one when a probe round goes unanswered: from the CPU time the kernel
+    counts for it since the previous unanswered round. Read only then, never while CoreDNS answers, so it
+    costs nothing idle. The first unanswered round of a streak has nothing to compare with and counts."""
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        read: Callable[[int], float | None] = cpu_seconds,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pid, self._read, self._clock = pid, read, clock
+        self._last: tuple[float, float] | None = None  # (when, CPU seconds) at the last unanswered round
+        self._busy_rounds = 0
+
+    def unanswered(self) -> float | None:
+        """After an unanswered round: CoreDNS's share of a core since the previous one when that says busy,
+        else None (silence that counts toward a hang)."""
+        now, cpu = self._clock(), self._read(self.pid)
+        previous, self._last = self._last, (None if cpu is None else (now, cpu))
+        if previous is None or cpu is None or now <= previous[0]:
+            return None
+        share = (cpu - previous[1]) / (now - previous[0])
+        if share < BUSY_CPU_SHARE or self._busy_rounds >= MAX_BUSY_ROUNDS:
+            return None
+        self._busy_rounds += 1
+        return share
+
+    def answered(self) -> None:
+        self._last, self._busy_rounds = None, 0
+
+
 class Prober:
     """Probes one CoreDNS child every ``interval`` until stopped; results are tagged with the child's pid."""
 
@@ -160,6 +245,7 @@ class Prober:
         url = self.settings.health_url
         health = HealthEndpoint(url, self.settings.timeout) if url else None
         rounds, query = 0, probe_query(self.settings.name)
+        meter = BusyMeter(self.pid)
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
@@ -172,10 +258,16 @@ class Prober:
                     outcome = Outcome(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
                 if self._stop.is_set():
                     return
+                busy = meter.unanswered() if outcome.silent else None
+                if not outcome.silent:
+                    meter.answered()
+                detail = outcome.detail
+                if busy is not None:
+                    detail += f"; coredns busy ({busy:.0%} of a core since the last unanswered round)"
                 self._post(
                     ProbeResult(
-                        self.pid, outcome.ok, outcome.detail, outcome.latency, outcome.silent,
-                        wrong_answer=outcome.wrong_answer, at=time.monotonic(),
+                        self.pid, outcome.ok, detail, outcome.latency, outcome.silent,
+                        wrong_answer=outcome.wrong_answer, busy=busy is not None, at=time.monotonic(),
                     )
                 )  # fmt: skip
                 self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
@@ -192,8 +284,9 @@ def probe_round(
     slowest = 0.0
     for address in settings.addresses:
         outcome = probe_dns(
-            address, settings.port, settings.name, settings.timeout, mark=settings.mark, query=query
-        )
+            address, settings.port, settings.name, settings.timeout, mark=settings.mark, query=query,
+            sends=settings.sends,
+        )  # fmt: skip
         slowest = max(slowest, outcome.latency)
         if not outcome.ok:
             return replace(outcome, latency=slowest)

@@ -358,6 +358,13 @@ class Supervisor:
                             cause="the probe's path, not coredns: checking the rules")  # fmt: skip
             self._reconcile("a probe answered by something other than the local coredns")
             return
+        if result.busy:
+            # Unanswered, but CoreDNS kept the CPU busy meanwhile: a burst it is working through, not a hang.
+            # Killing it would empty the cache and send the burst to kube-dns.
+            if self.probe_failures:
+                log.warning("coredns busy, not hung", detail=result.detail, state=str(self.state))
+            self.probe_failures = 0
+            return
         # While starting, only silence counts: CoreDNS not bound yet is normal (and harmless: pod queries go
         # to kube-dns), but a bound CoreDNS that does not answer swallows pod queries through the open gate.
         if self.state is CoreDnsState.STARTING and not result.silent:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench import dnsperf
@@ -41,8 +42,7 @@ class DatapathPlan:
 def measure(node: Node, plan: DatapathPlan, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """All four paths on a reset node (left reset)."""
     box = node.box
-    queries = box.workdir / "dnsperf-queries.txt"
-    queries.write_text(dnsperf.data_file(dnsperf.cached_names()))
+    queries = cached_queries(box)
     pod = box.pod(0)
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -66,27 +66,17 @@ def _path(node: Node, plan: DatapathPlan, queries: str, ns: str, server: str, *,
           conntrack: bool) -> dict[str, Any]:  # fmt: skip
     box = node.box
     names = [name for name, _ in dnsperf.cached_names()]
-    bound = plan.seconds + 30
-
-    def warm() -> None:  # before each run: a record's 30 s TTL may run out across the three
-        box.exec(ns, dnsperf.warm_argv(server, queries), timeout=30)
-
-    warm()
-    top = dnsperf.parse(box.exec(ns, dnsperf.argv(server, queries, seconds=plan.seconds), timeout=bound))
-    warm()
-    fixed_rate = dnsperf.argv(server, queries, seconds=plan.seconds, max_qps=plan.latency_qps, verbose=True)
-    timed = dnsperf.parse(box.exec(ns, fixed_rate, timeout=bound))
-    lat = timed.latencies
+    warm(box, ns, server, queries)
+    top = dnsperf.parse(
+        box.exec(ns, dnsperf.argv(server, queries, seconds=plan.seconds), timeout=plan.seconds + 30)
+    )
     result: dict[str, Any] = {
         "qps": round(top.qps, 1),
         "lost": top.lost,
-        "latency_run_qps": round(timed.qps, 1),
-        "p50_ms": round(percentile(lat, 50) * 1e3, 4) if lat else None,
-        "p99_ms": round(percentile(lat, 99) * 1e3, 4) if lat else None,
-        "p999_ms": round(percentile(lat, 99.9) * 1e3, 4) if lat else None,
+        **latency(box, ns, server, queries, seconds=plan.seconds, qps=plan.latency_qps),
     }
     if conntrack:
-        warm()
+        warm(box, ns, server, queries)
         node.count_conntrack()
         box.flush_conntrack()
         load = node.load(rate=plan.conntrack_rate, duration=plan.conntrack_seconds, server=server,
@@ -97,6 +87,35 @@ def _path(node: Node, plan: DatapathPlan, queries: str, ns: str, server: str, *,
         result["conntrack_per_100k"] = round(tracked * 100_000 / sent) if sent else None
         result["conntrack_entries_per_100k"] = round(entries * 100_000 / sent) if sent else None
     return result
+
+
+def cached_queries(box: sb.Sandbox) -> Path:
+    """dnsperf's data file of every name the sandbox's kube-dns answers (see :func:`dnsperf.cached_names`)."""
+    queries = box.workdir / "dnsperf-queries.txt"
+    queries.write_text(dnsperf.data_file(dnsperf.cached_names()))
+    return queries
+
+
+def warm(box: sb.Sandbox, ns: str, server: str, queries: str) -> None:
+    """Every name of the data file asked once, so the runs that follow are of cached names (before each
+    run: a record's 30 s TTL may run out between runs)."""
+    box.exec(ns, dnsperf.warm_argv(server, queries), timeout=30)
+
+
+def latency(
+    box: sb.Sandbox, ns: str, server: str, queries: str, *, seconds: float, qps: int
+) -> dict[str, Any]:
+    """Latency percentiles of the data file's names, warmed first, at a fixed rate below saturation."""
+    warm(box, ns, server, queries)
+    fixed_rate = dnsperf.argv(server, queries, seconds=seconds, max_qps=qps, verbose=True)
+    timed = dnsperf.parse(box.exec(ns, fixed_rate, timeout=seconds + 30))
+    lat = timed.latencies
+    return {
+        "latency_run_qps": round(timed.qps, 1),
+        "p50_ms": round(percentile(lat, 50) * 1e3, 4) if lat else None,
+        "p99_ms": round(percentile(lat, 99) * 1e3, 4) if lat else None,
+        "p999_ms": round(percentile(lat, 99.9) * 1e3, 4) if lat else None,
+    }
 
 
 def _line(path: str, r: dict[str, Any]) -> str:

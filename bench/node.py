@@ -3,7 +3,8 @@ gives every scenario the same starting point.
 
 Two kinds of agent run here. ``ours`` is the agent as shipped. ``node_cache`` is the same agent with
 node-cache's behaviour switched on (``--socket-gate=false``: node-cache's PREROUTING NOTRACK rule without
-the socket match; ``--host-failover=false``: host rules kept whatever CoreDNS's health). The real node-cache
+the socket match; ``--host-failover=false``: host rules kept whatever CoreDNS's health; ``--serve-stale=0``:
+its Corefile's cache, without serve_stale). The real node-cache
 cannot be built here (the Go module proxy refuses ``k8s.io/dns``), so what its process does when it dies,
 hangs or is restarted is reproduced by the scenarios in :mod:`bench.failover`.
 """
@@ -30,7 +31,7 @@ from tests.configmapdir import publish
 Kind = Literal["ours", "node_cache"]
 KINDS: tuple[Kind, ...] = ("ours", "node_cache")
 LABELS: dict[Kind, str] = {"ours": "agent", "node_cache": "node-cache behaviour"}
-BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false")
+BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false", "--serve-stale=0")
 SERVICE = "web.default.svc.cluster.local"
 SERVICE_IP = "10.96.10.20"
 LOCAL_IPS = (sb.LOCAL_IP, sb.KUBE_DNS_IP)

@@ -20,6 +20,8 @@ from typing import Any
 from bench.datapath import TITLES as PATH_TITLES
 from bench.failover import SCENARIOS
 from bench.failover import TITLES as SCENARIO_TITLES
+from bench.remote import TITLES as REMOTE_TITLES
+from bench.stale import TITLES as STALE_TITLES
 from bench.stats import ratio
 
 BEGIN = "<!-- bench:begin -->"
@@ -89,8 +91,9 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "",
         "**The baseline is node-cache's behaviour, reproduced, not node-cache itself.** This project cannot "
         "build node-cache (the Go module proxy refuses `k8s.io/dns`), so the baseline is the same agent "
-        "run with `--socket-gate=false` (node-cache's exact PREROUTING NOTRACK rule, without `-m socket`) "
-        "and `--host-failover=false` (host rules kept whatever CoreDNS's health), and each fault is applied "
+        "run with `--socket-gate=false` (node-cache's exact PREROUTING NOTRACK rule, without `-m socket`), "
+        "`--host-failover=false` (host rules kept whatever CoreDNS's health) and `--serve-stale=0` (its "
+        "Corefile's cache, without `serve_stale`), and each fault is applied "
         "as it hits node-cache's single process (CoreDNS is compiled into it):",
         "",
         "- *SIGKILL CoreDNS* kills node-cache: its rules stay behind and the ClusterIP is a blackhole until "
@@ -148,6 +151,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         f"and dnsperf and CoreDNS share the machine's {m['nproc']} cores: QPS and latency are bound by the "
         "CPU, and the paths differ little; what the sandbox shows is conntrack.",
         "",
+        *_remote_rows(med.get("remote"), plans.get("remote")),
         f"### Failover ({fo_plan['rate']:g} qps from a pod for {fo_plan['duration']:g} s, the fault at "
         f"{fo_plan['fault_at']:g} s)",
         "",
@@ -170,6 +174,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         f"![Answers per 100 ms around a SIGKILL of CoreDNS, the agent against node-cache's behaviour]"
         f"({PLOT_PATH_IN_README})",
         "",
+        *_stale_rows(med.get("stale"), plans.get("stale")),
         "### The agent's own cost (the agent process alone, not CoreDNS)",
         "",
     ]
@@ -207,6 +212,49 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "short durations (CI keeps the harness working with it; it does not judge figures).",
     ]
     return "\n".join(out) + "\n"
+
+
+def _remote_rows(remote: Mapping[str, Any] | None, plan: Mapping[str, Any] | None) -> list[str]:
+    """The latency table with a modelled remote kube-dns (nothing when the results have none)."""
+    if not remote or not plan:
+        return []
+    rows = [[REMOTE_TITLES[path], fmt(remote[path]["p50_ms"], "ms", 3), fmt(remote[path]["p99_ms"], "ms", 3),
+             fmt(remote[path]["p999_ms"], "ms", 3)] for path in ("no_agent", "ours")]  # fmt: skip
+    o, b = remote["ours"], remote["no_agent"]
+    rows.append(["ratio ours ÷ no local cache"] + [fmt_ratio(ratio(o[k], b[k])) for k in
+                 ("p50_ms", "p99_ms", "p999_ms")])  # fmt: skip
+    late = remote.get("link", {}).get("worst_late_ms")
+    return [
+        f"### Latency with kube-dns on another node (modelled: +{plan['one_way_ms']:g} ms each way on the "
+        "kube-dns link)",
+        "",
+        *table(["path (cached names)", "p50", "p99", "p99.9"], rows),
+        "",
+        f"dnsperf from a pod at {plan['latency_qps']} qps for {plan['seconds']:g} s per path, the names "
+        "warmed first, both paths in one run under the same delay on every packet between the node and "
+        "kube-dns. The delay is made in user space (the kernel here has no `tc netem`): an NFQUEUE on "
+        "the kube-dns link, `tests/linkdelay.py`, whose worst packet left "
+        f"{fmt(late, 'ms', 2)} after its due time.",
+        "",
+    ]
+
+
+def _stale_rows(stale: Mapping[str, Any] | None, plan: Mapping[str, Any] | None) -> list[str]:
+    """The outage table: stale answers with and without ``--serve-stale`` (nothing when absent)."""
+    if not stale or not plan:
+        return []
+    rows = [[STALE_TITLES[v], fmt(stale[v]["answered"]), fmt(stale[v]["failed"]),
+             fmt(stale[v]["longest_gap_s"], "s", 3)] for v in ("on", "off") if v in stale]  # fmt: skip
+    return [
+        f"### kube-dns unreachable for {plan['outage']:g} s ({plan['rate']:g} qps from a pod, "
+        f"{plan['names']} names cached earlier and expired since)",
+        "",
+        *table(["the cache", "answered", "failed", "longest gap"], rows),
+        "",
+        "Every DNS packet to kube-dns dropped (a blackhole) for the whole load; each name was asked once "
+        "through the ClusterIP, then the run waited until the cache's entries had expired.",
+        "",
+    ]
 
 
 def _conntrack(r: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cost, datapath, failover, report
+from bench import cost, datapath, failover, remote, report, stale
 from bench.node import Node
 from bench.stats import median, median_of_runs
 from tests import sandbox as sb
@@ -37,10 +37,20 @@ class Mode:
     datapath: datapath.DatapathPlan
     failover: failover.FailoverPlan
     cost: cost.CostPlan
+    remote: remote.RemotePlan
+    stale: stale.StalePlan
 
 
-# About 4.5 minutes a repetition on the 2-core machine: 3 repetitions stay within 15 minutes.
-FULL = Mode("full", 3, datapath.DatapathPlan(), failover.FailoverPlan(), cost.CostPlan())
+# About 5.5 minutes a repetition on the 2-core machine: 3 repetitions take about 17 minutes.
+FULL = Mode(
+    "full",
+    3,
+    datapath.DatapathPlan(),
+    failover.FailoverPlan(),
+    cost.CostPlan(),
+    remote.RemotePlan(),
+    stale.StalePlan(),
+)
 QUICK = Mode(
     "quick",
     1,
@@ -54,6 +64,8 @@ QUICK = Mode(
         check_repeats=3,
         restore_repeats=1,
     ),
+    remote.RemotePlan(seconds=0.5, latency_qps=1000, settle=0.5),
+    stale.StalePlan(outage=2.0),
 )
 
 
@@ -88,13 +100,17 @@ def repetition(mode: Mode, flavour: sb.Flavour, index: int) -> dict[str, Any]:
             node.reset()
             log("data path")
             dp = datapath.measure(node, mode.datapath, log)
+            log(f"data path, kube-dns {mode.remote.one_way_ms:g} ms away each way")
+            rk = remote.measure(node, mode.remote, log)
             log("failover")
             fo = failover.run_matrix(node, mode.failover, log)
+            log("kube-dns unreachable, names expired")
+            st = stale.measure(node, mode.stale, log)
             log("agent cost")
             co = cost.measure(node, mode.cost, log)
         finally:
             node.kill_all()
-    return {"datapath": dp, "failover": fo, "cost": co}
+    return {"datapath": dp, "remote": rk, "failover": fo, "stale": st, "cost": co}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,7 +137,7 @@ def sigkill_timeline(runs: list[dict[str, Any]], rate: float) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="bench.run")
-    p.add_argument("--quick", action="store_true", help="every measurement once, short durations (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="every measurement once, shortly (about 75 s)")
     p.add_argument("--runs", type=int, help="repetitions (default: 3 full, 1 quick)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--readme", type=Path, help="rewrite this README's section between the bench markers")
@@ -155,6 +171,8 @@ def main() -> int:
             "datapath": datapath.plan_dict(mode.datapath),
             "failover": failover.plan_dict(mode.failover),
             "cost": cost.plan_dict(mode.cost),
+            "remote": remote.plan_dict(mode.remote),
+            "stale": stale.plan_dict(mode.stale),
         },
     }
     out = {

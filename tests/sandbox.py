@@ -91,6 +91,13 @@ class Services:
     stub: dict[str, str] = field(
         default_factory=lambda: {f"www.{STUB_DOMAIN}": "198.51.100.7", f"api.{STUB_DOMAIN}": "198.51.100.8"}
     )
+    # Services whose records have a 1 s TTL: a cache keeps them for its minimum TTL (CoreDNS's 5 s), so they
+    # expire soon after they were asked (the serve-stale tests and benchmark).
+    short_lived: dict[str, str] = field(
+        default_factory=lambda: {
+            f"flaky-{i}.default.svc.{CLUSTER_DOMAIN}": f"10.96.30.{i}" for i in range(1, 21)
+        }
+    )
 
 
 SERVICES = Services()
@@ -456,6 +463,7 @@ class Sandbox(Run):
                 f"_cql._tcp.{name}. 30 IN SRV 0 33 9042 cassandra-{i}.{name}." for i in range(len(ips))
             ]
             cluster += [f"cassandra-{i}.{name}. 30 IN A {ip}" for i, ip in enumerate(ips)]
+        cluster += [f"{name}. 1 IN A {ip}" for name, ip in sorted(s.short_lived.items())]
         cluster.append(f"_https._tcp.kubernetes.default.svc.{CLUSTER_DOMAIN}. 30 IN SRV 0 100 443 "
                        f"kubernetes.default.svc.{CLUSTER_DOMAIN}.")  # fmt: skip
         reverse = [

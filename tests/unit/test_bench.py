@@ -158,3 +158,27 @@ def test_the_plot_shows_the_run_whose_baseline_lost_the_median_number_of_queries
     timeline = sigkill_timeline(results["runs"], 1000)
     assert timeline["run"] == 0 and timeline["node_cache"]["failed"] == 1500
     assert timeline["ours"]["answers_per_100ms"] == [100, 0, 100]
+
+
+def test_the_remote_kube_dns_and_stale_answer_rows_are_rendered_when_measured() -> None:
+    results = _results([1500])
+    assert "Latency with kube-dns" not in render_section(results)  # an older harness: no such rows
+    lat = {"p50_ms": 1.2, "p99_ms": 2.4, "p999_ms": 4.8}
+    results["median"]["remote"] = {"no_agent": lat, "ours": {"p50_ms": 0.1, "p99_ms": 0.3, "p999_ms": 1.2},
+                                   "link": {"delayed": 40000, "worst_late_ms": 0.4}}  # fmt: skip
+    results["median"]["stale"] = {"on": {"answered": 9990, "failed": 10, "longest_gap_s": 0.4},
+                                  "off": {"answered": 0, "failed": 10000, "longest_gap_s": 10.0}}  # fmt: skip
+    results["meta"]["plans"]["remote"] = {"one_way_ms": 0.5, "seconds": 5.0, "latency_qps": 2000}
+    results["meta"]["plans"]["stale"] = {"rate": 1000.0, "outage": 10.0, "names": 20}
+    section = render_section(results)
+    x = TIMES
+    assert "modelled: +0.5 ms each way on the kube-dns link" in section
+    assert (
+        "| ClusterIP → kube-proxy DNAT → kube-dns on the delayed link | 1.200 ms | 2.400 ms | 4.800 ms |"
+        in section
+    )
+    assert f"| ratio ours ÷ no local cache | 0.08{x} | 0.12{x} | 0.25{x} |" in section
+    assert "worst packet left 0.40 ms after its due time" in section
+    assert "kube-dns unreachable for 10 s (1000 qps from a pod, 20 names cached earlier" in section
+    assert "| `--serve-stale` (default: 1h, verify) | 9 990 | 10 | 0.400 s |" in section
+    assert "| `--serve-stale 0` (node-cache's Corefile) | 0 | 10 000 | 10.000 s |" in section

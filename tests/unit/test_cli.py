@@ -80,6 +80,10 @@ def test_defaults_are_node_caches() -> None:
         (["-localip", "169.254.20.10", "extra"], "agent: unexpected argument 'extra'"),
         (["-metrics-listen-address", "bad_host:9353"], "'bad_host' is neither an IP address nor a host name"),
         (["--iptables-mode", "ebpf"], "invalid choice: 'ebpf'"),
+        (["--serve-stale", "forever"], "argument --serve-stale: 'forever' is not a duration"),
+        (["--serve-stale=-1s"], "argument --serve-stale: '-1s' is not a duration"),
+        (["--serve-stale=-60"], "agent: --serve-stale: -60.0s is negative (0 turns it off)"),
+        (["--serve-stale-mode", "verified"], "invalid choice: 'verified'"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(
@@ -96,6 +100,15 @@ def test_bad_flags_exit_2_naming_the_flag(
 )
 def test_durations_in_go_or_plain_seconds(text: str, seconds: float) -> None:
     assert parse_duration(text, "-x") == seconds
+
+
+def test_serve_stale_is_on_for_an_hour_in_verify_mode_unless_told() -> None:
+    _, default = parse(UPSTREAM_MANIFEST_ARGS)
+    assert (default.serve_stale, default.serve_stale_mode) == (3600.0, "verify")
+    _, told = parse([*UPSTREAM_MANIFEST_ARGS, "--serve-stale", "30m", "--serve-stale-mode", "immediate"])
+    assert (told.serve_stale, told.serve_stale_mode) == (1800.0, "immediate")
+    _, off = parse([*UPSTREAM_MANIFEST_ARGS, "--serve-stale", "0"])
+    assert off.serve_stale == 0
 
 
 def test_run_without_local_ip_is_a_config_error() -> None:

@@ -201,7 +201,11 @@ def test_write_if_changed_writes_atomically_only_when_the_content_differs(tmp_pa
 
 
 def print_corefile(
-    settings: Settings, kube_dns: dict[str, str], monkeypatch: pytest.MonkeyPatch, *local_ips: str
+    settings: Settings,
+    kube_dns: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    *local_ips: str,
+    extra: tuple[str, ...] = (),
 ) -> int:
     """``agent --print-corefile`` with a published kube-dns ConfigMap dir and the Service variable set."""
     monkeypatch.setenv("KUBE_DNS_UPSTREAM_SERVICE_HOST", "10.96.0.11")
@@ -210,7 +214,7 @@ def print_corefile(
     return main([
         "--print-corefile", "-localip", ",".join(local_ips), "-basecorefile", str(TEMPLATE),
         "-kubednscm", str(directory), "--resolv-conf", str(settings.resolv_conf),
-        "-upstreamsvc", "kube-dns-upstream",
+        "-upstreamsvc", "kube-dns-upstream", *extra,
     ])  # fmt: skip
 
 
@@ -223,6 +227,18 @@ def test_print_corefile_renders_to_stdout(
     assert "bind 169.254.20.10 10.96.0.10\n" in out and "acme.local:53 {" in out
     assert err == ""
     assert not settings.corefile.exists()
+
+
+def test_print_corefile_shows_serve_stale_as_the_flags_set_it(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert print_corefile(settings, {}, monkeypatch, "169.254.20.10") == 0
+    assert capsys.readouterr().out.count("serve_stale 3600s verify 500ms 0s 10s\n") == 4
+    told = ("--serve-stale", "5m", "--serve-stale-mode", "immediate")
+    assert print_corefile(settings, {}, monkeypatch, "169.254.20.10", extra=told) == 0
+    assert capsys.readouterr().out.count("serve_stale 300s immediate 0s 10s\n") == 4
+    assert print_corefile(settings, {}, monkeypatch, "169.254.20.10", extra=("--serve-stale", "0")) == 0
+    assert "serve_stale" not in capsys.readouterr().out
 
 
 def test_print_corefile_exits_non_zero_with_the_error_on_stderr(

@@ -19,6 +19,7 @@ from agent.corefile import (
     ProbeEndpoints,
     probe_endpoints,
     render,
+    serve_stale_directive,
     server_blocks,
 )
 from agent.kubedns import KubeDnsConfig, parse_kubedns
@@ -300,3 +301,43 @@ def test_a_template_with_the_probe_zone_but_no_ready_gets_a_ready_block_of_its_o
     text = rendered(probe_only)
     assert ready_lines(text) == [("ready", "169.254.20.10:8181")]
     assert "ready 169.254.20.10:8181" in block(text, "ready.node-local-dns:53")
+
+
+VERIFY = "serve_stale 3600s verify 500ms 0s 10s"
+
+
+def test_the_serve_stale_directive_follows_the_flags_and_is_absent_when_off() -> None:
+    assert serve_stale_directive(3600, "verify") == VERIFY
+    assert serve_stale_directive(90, "immediate") == "serve_stale 90s immediate 0s 10s"
+    assert serve_stale_directive(0, "verify") is None
+
+
+def test_serve_stale_goes_into_every_cache_of_the_template_and_of_each_stub_domain() -> None:
+    stubs = {"stubDomains": json.dumps({"acme.local": ["10.0.0.7"]})}
+    text = rendered(data=stubs, serve_stale=VERIFY)
+    assert (
+        "    cache {\n        " + VERIFY + "\n        success 9984 30\n        denial 9984 5\n    }\n"
+        in block(text, "cluster.local:53")
+    )
+    for zone in ("in-addr.arpa:53", "ip6.arpa:53", ".:53", "acme.local:53"):
+        assert f"    cache 30 {{\n        {VERIFY}\n    }}\n" in block(text, zone), block(text, zone)
+    assert text.count("serve_stale") == 5
+    assert "serve_stale" not in block(text, "health.node-local-dns:53")
+    caches = [args for b in server_blocks(text) for name, args in b.directives if name == "cache"]
+    assert len(caches) == 5  # still one cache per block, each with its block
+
+
+def test_a_template_with_its_own_serve_stale_keeps_it_and_gets_no_second_one() -> None:
+    template = TEMPLATE.replace(
+        "        denial 9984 5\n", "        denial 9984 5\n        serve_stale 10m immediate\n"
+    )
+    text = rendered(template, serve_stale=VERIFY)
+    cluster = block(text, "cluster.local:53")
+    assert "serve_stale 10m immediate" in cluster and VERIFY not in cluster
+    assert text.count(VERIFY) == 3  # the other three blocks
+
+
+def test_without_serve_stale_the_cache_lines_stay_as_the_template_has_them() -> None:
+    text = rendered()
+    assert "serve_stale" not in text
+    assert "    cache 30\n" in block(text, ".:53")

@@ -288,6 +288,21 @@ def test_three_failed_probe_rounds_mean_hung_and_coredns_is_killed(h: Harness) -
     assert h.sup.metrics.coredns_restarts.labels("signaled")._value.get() == 0
 
 
+def test_unanswered_rounds_of_a_busy_coredns_never_kill_it_but_later_idle_silence_does(h: Harness) -> None:
+    h.probe(ok=True)
+    silent = "no answer from 10.96.0.10:53 within 0.5s"
+    busy = f"{silent}; coredns busy (80% of a core since the last unanswered round)"
+    h.probe(ok=False, detail=silent)
+    h.probe(ok=False, detail=silent)
+    for _ in range(10):  # a burst: its receive queue overflows, CoreDNS works through it
+        h.sup.handle(ProbeResult(h.child.pid, False, busy, 0.5, silent=True, busy=True))
+    assert h.sup.state is CoreDnsState.RUNNING
+    assert not any(c.startswith("kill") for c in h.calls.log)
+    for _ in range(3):  # then silent and idle: hung
+        h.probe(ok=False, detail=silent)
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith("hung: 3 probe rounds")
+
+
 def test_probe_results_for_an_earlier_child_are_ignored(h: Harness) -> None:
     old = h.child.pid
     h.exit(1)

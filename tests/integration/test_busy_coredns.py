@@ -1,0 +1,120 @@
+"""A CoreDNS that is merely busy is never taken for a hung one: a burst of names nobody asked before, against
+a kube-dns that answers slowly, fills CoreDNS's queues and slows its answers, but the agent must not kill or
+restart it; a CoreDNS that is silent and idle (frozen, as a deadlock looks) is still killed as hung."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import dnsperf
+from tests import kubednslink
+from tests import sandbox as sb
+from tests.agentproc import AgentProcess
+from tests.waiting import poll
+
+BURST_QPS = 10_000
+# Long enough to matter: before the probe was resent within its round, CoreDNS's receive queue for the
+# ClusterIP overflowed for the whole burst, about half the probe rounds found it "silent", and three in a row
+# got the serving CoreDNS killed as hung, several seconds into the burst.
+BURST_SECONDS = 10.0
+# kube-dns "slow": every packet on its link held 100 ms each way, so each forwarded query waits 200 ms more
+# (and a new TCP connection to kube-dns-upstream another 200 ms for its handshake).
+ONE_WAY_MS = 100.0
+FREEZER = Path("/sys/fs/cgroup/freezer")
+_FAILED_ROUNDS = re.compile(r'^nodelocaldns_agent_probe_failures_total\{kind="dns"\} (\S+)$', re.M)
+_RESTARTS = re.compile(r"^nodelocaldns_agent_coredns_restarts_total\{[^}]*\} (\S+)$", re.M)
+
+
+@pytest.fixture
+def box() -> Iterator[sb.Sandbox]:
+    with sb.Sandbox(flavour="nft") as sandbox:
+        yield sandbox
+
+
+def uncached_names(count: int) -> str:
+    """dnsperf's data file: names nobody asked before, half in the cluster zone (forwarded over TCP to
+    kube-dns-upstream), half outside it (forwarded over UDP to the node's upstream, the kube-dns pod)."""
+    return dnsperf.data_file(
+        (f"burst-{i}.default.svc.cluster.local" if i % 2 else f"burst-{i}.example.org", "A")
+        for i in range(count)
+    )
+
+
+def test_a_10000_qps_burst_of_uncached_names_against_a_slow_kube_dns_kills_no_coredns(
+    box: sb.Sandbox,
+) -> None:
+    names = box.workdir / "burst-names.txt"
+    names.write_text(uncached_names(int(BURST_QPS * BURST_SECONDS)))
+    with AgentProcess(box) as agent:
+        agent.wait_serving()
+        coredns = agent.coredns_pid()
+        with kubednslink.delayed(box, ONE_WAY_MS) as link:
+            started = time.monotonic()
+            # Enough queries in flight for the rate (dnsperf's default, 100, would hold it to 500 qps).
+            argv = [*dnsperf.argv(sb.KUBE_DNS_IP, str(names), seconds=BURST_SECONDS, max_qps=BURST_QPS,
+                                  timeout=2.0), "-c", "4", "-q", "40000"]  # fmt: skip
+            burst = dnsperf.parse(box.exec(box.pod(0), argv, timeout=BURST_SECONDS + 30))
+            took = time.monotonic() - started
+            # The prober keeps asking through the aftermath: queued forwards still draining.
+            time.sleep(2.0)
+        metrics, events = agent.metrics(), agent.events()
+        restarts = [float(v) for v in _RESTARTS.findall(metrics)]
+        failed_rounds = _FAILED_ROUNDS.findall(metrics)
+        failed_probes = [e for e in events if e.get("event") == "coredns probe failed"]
+        busy = [e for e in events if e.get("event") == "coredns busy, not hung"]
+        summary = (
+            f"burst: {burst.sent} sent in {took:.1f}s, {burst.completed} answered, {burst.lost} lost, "
+            f"{burst.qps:.0f} qps; link: {link}; failed probe rounds {failed_rounds} in "
+            f"{len(failed_probes)} streaks, {len(busy)} found busy"
+        )
+        print(summary)
+        # The burst really was one: nearly every query sent at the asked rate.
+        assert burst.sent >= 0.9 * BURST_QPS * BURST_SECONDS, summary
+        assert link.get("delayed", 0) > burst.sent / 2, summary  # the slow link carried the forwards
+        # ...and CoreDNS lived through it: the same process, no restart counted, no state change logged.
+        assert agent.coredns_pid() == coredns, agent.tail()
+        assert sum(restarts) == 0, agent.tail()
+        changes = [e for e in events if e.get("event") == "coredns state" and e.get("from") == "running"]
+        assert not changes, changes
+        assert agent.status().get("serving") is True, agent.tail()
+
+
+@contextlib.contextmanager
+def frozen(pid: int, name: str) -> Iterator[None]:
+    """``pid`` frozen by the cgroup freezer: it runs no more, uses no CPU and gets no stop notice (the
+    kernel's SIGSTOP path does not see it), as a deadlocked CoreDNS would look. Thawed and removed after."""
+    cgroup = FREEZER / name
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+        (cgroup / "freezer.state").write_text("FROZEN")
+        yield
+    finally:
+        (cgroup / "freezer.state").write_text("THAWED")
+        poll(lambda: not (cgroup / "cgroup.procs").read_text().strip(), 5)  # the killed process is gone
+        for left in (cgroup / "cgroup.procs").read_text().split():
+            (FREEZER / "cgroup.procs").write_text(left)
+        cgroup.rmdir()
+
+
+@pytest.mark.skipif(not FREEZER.is_dir(), reason="needs the cgroup v1 freezer")
+def test_a_coredns_frozen_and_idle_is_still_caught_as_hung_by_its_silent_probes(box: sb.Sandbox) -> None:
+    with AgentProcess(box) as agent:
+        agent.wait_serving()
+        coredns = agent.coredns_pid()
+        assert coredns is not None
+        with frozen(coredns, f"{sb.PREFIX}-{box.run_id}-freeze"):
+            since = time.monotonic()
+            agent.wait_for(lambda s: s.get("state") == "backoff", 4.0, "backoff after a hang")
+            detected = time.monotonic() - since
+        agent.wait_serving()
+        causes = [str(e.get("cause", "")) for e in agent.events() if e.get("event") == "coredns state"]
+        assert any(c.startswith("hung: 3 probe rounds failed") for c in causes), causes
+        assert detected < 3.0, detected  # three silent rounds, as before the busy check
+        assert agent.coredns_pid() not in (None, coredns)
