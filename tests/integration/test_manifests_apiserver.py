@@ -57,22 +57,27 @@ def test_the_manifest_passes_a_server_side_dry_run(cluster: ControlPlane, mode: 
     assert len(accepted) == 5
 
 
-def test_the_surge_pod_asks_for_no_host_port(installed: ControlPlane, tmp_path: Path) -> None:
+def test_the_surge_pod_asks_for_no_host_port(cluster: ControlPlane, tmp_path: Path) -> None:
     """The apiserver gives a hostNetwork pod's container ports host ports (the scheduler's NodePorts filter
     then refuses a second pod on the node): the pod the DaemonSet creates must have none, so the surge pod of
     an upgrade fits next to the old one."""
     template = objects(run_sed("iptables", tmp_path))["DaemonSet/node-local-dns"]["spec"]["template"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "surge", "namespace": "kube-system",
+    # A namespace of its own with the pod's ServiceAccount (admission looks it up), so that the manifest's
+    # own objects stay as the other tests expect them.
+    namespace = f"surge-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.kubectl("create", "serviceaccount", "node-local-dns", "-n", namespace)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "surge", "namespace": namespace,
            **template["metadata"]}, "spec": {**template["spec"], "nodeName": "node-a"}}  # fmt: skip
     created = json.loads(
-        installed.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
+        cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
     )
     ports = [p for c in created["spec"]["containers"] for p in c.get("ports", [])]
     assert created["spec"]["hostNetwork"] is True and ports == []
     # The same pod with a declared port gets it as a host port: the check above is the one that matters.
     pod["spec"]["containers"][0]["ports"] = [{"containerPort": 9353, "protocol": "TCP"}]
     created = json.loads(
-        installed.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
+        cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
     )
     assert created["spec"]["containers"][0]["ports"][0]["hostPort"] == 9353
 
