@@ -22,7 +22,7 @@ fi
 
 # containerd 1.6 (CRI v1), runc, the CNI plugins (/usr/lib/cni: bridge, host-local, loopback, portmap) and the
 # static init the pause image is made of.
-bash scripts/debian-packages.sh setup-cluster containerd runc containernetworking-plugins catatonit
+bash scripts/debian-packages.sh setup-cluster containerd runc containernetworking-plugins catatonit jq
 
 # The pause image: catatonit as /pause, `-P` (pause mode: it only reaps and waits for a signal), as the
 # sandbox container of every pod. Rebuilt when the binary changes (its hash is the image's label).
