@@ -573,6 +573,9 @@ class Cluster(sb.Run):
 
     def _import_images(self) -> None:
         """The pause, agent and CoreDNS images from podman into containerd, under the names pods use."""
+        from tests.agentcontainer import ensure_image
+
+        ensure_image()  # the working tree's image (built only when its build context changed)
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
         for source, names in (
             (pause_image(), [pause_image()]),

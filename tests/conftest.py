@@ -99,6 +99,12 @@ def iptables_cluster() -> Iterator[Cluster]:
     yield from _cluster("iptables")
 
 
+@pytest.fixture(scope="session")
+def nftables_cluster() -> Iterator[Cluster]:
+    """The same with kube-proxy in nftables mode."""
+    yield from _cluster("nftables")
+
+
 def _cluster(mode: ProxyMode) -> Iterator[Cluster]:
     from tests import cluster
 

@@ -1,4 +1,5 @@
-"""The shipped DaemonSet on a real single-node cluster (tests/cluster.py), kube-proxy in iptables mode.
+"""The shipped DaemonSet on a real single-node cluster (tests/cluster.py), kube-proxy in iptables mode and in
+nftables mode (the README's iptables-mode sed serves both).
 
 The manifest is installed as the README says (the documented sed, ``kubectl apply -f``), run by a real
 kubelet from the agent's image, and proven from a real pod: queries to the kube-dns ClusterIP are answered by
@@ -31,9 +32,11 @@ AGENT = "k8s-app=node-local-dns"
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def cluster(iptables_cluster: Cluster) -> Cluster:
-    return iptables_cluster
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The session's cluster of each kube-proxy mode; the tests run on one mode, then on the other."""
+    result: Cluster = request.getfixturevalue(f"{request.param}_cluster")
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +164,8 @@ def test_manifest_after_the_documented_sed_rolls_out_ready_with_the_exec_livenes
     assert probe_results(cluster, "Readiness").get("successful", 0) >= 1
     assert agent_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
     assert f"inet {LOCAL_IP}/32" in cluster.links()
+    # The README's own check, through the API and the kubelet.
+    cluster.kubectl("-n", "kube-system", "exec", "daemonset/node-local-dns", "--", "agent", "--check")
 
 
 def test_client_pod_resolves_services_through_the_node_cache_without_conntrack(
