@@ -36,8 +36,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ COREDNS_IMAGE = "docker.io/coredns/coredns:" + (REPO / "image" / "coredns.versio
 EXTERNAL = {"example.org": "192.0.2.80"}  # what upstream-dns answers for names outside the cluster
 SERVICES = {"web.default": "10.96.10.20", "db.prod": "10.96.20.30"}  # test Services: name.namespace → IP
 
+IPTABLES_TABLES = {"filter", "nat", "mangle", "raw", "security"}  # iptables-nft's tables, saved by it
 # The sysctls the kubelet writes outside its namespaces (host-wide), restored on stop.
 HOST_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 # The node components; their command lines carry the run's work dir, so the leak check finds them.
@@ -410,25 +413,62 @@ class Cluster(sb.Run):
         """``conntrack -L`` in the node's network namespace (where kube-proxy's DNAT tracks pod traffic)."""
         return self.node_exec(["conntrack", "-L", *args], mount=False, check=False)
 
-    def save_tables(self) -> str:
-        """The node's packet-filter state: iptables (both backends) and the nftables ruleset, counters out."""
-        out = []
+    def normalized_tables(self) -> str:
+        """The node's packet filter as sorted lines (kube-proxy writes rules in map order, not a fixed one):
+        the saves of iptables-legacy and iptables-nft, and every other nftables table (kube-proxy's in
+        nftables mode) listed by nft. A table with no rule and only built-in chains that accept is left out:
+        iptables creates one on first use and never removes it (an empty ``raw`` table does nothing)."""
+        lines: list[str] = []
         for tool in (
             "iptables-legacy-save",
-            "iptables-nft-save",
             "ip6tables-legacy-save",
+            "iptables-nft-save",
             "ip6tables-nft-save",
         ):
-            text = self.node_exec([tool], mount=False, check=False)
-            out.append(f"## {tool}")
-            out += [
-                line.split(" [")[0] if line.startswith(":") else line
-                for line in text.splitlines()
-                if not line.startswith("#")
-            ]
-        out.append("## nft list ruleset")
-        out.append(self.node_exec(["nft", "--stateless", "list", "ruleset"], mount=False, check=False))
-        return "\n".join(out)
+            table: list[str] = []
+            for line in self.node_exec([tool], mount=False, check=False).splitlines():
+                if line.startswith("*"):
+                    table = [line]
+                elif line == "COMMIT":
+                    if any(not re.fullmatch(r":[A-Z]+ ACCEPT", entry) for entry in table[1:]):
+                        lines += [f"{tool} {table[0]} {entry}" for entry in table[1:]]
+                elif line and not line.startswith("#"):
+                    table.append(line.split(" [")[0] if line.startswith(":") else line)
+        for listed in self.node_exec(["nft", "list", "tables"], mount=False).splitlines():
+            _, family, name = listed.split()
+            if family in ("ip", "ip6") and name in IPTABLES_TABLES:
+                continue  # iptables-nft's, in its save above
+            text = self.node_exec(["nft", "-s", "list", "table", family, name], mount=False)
+            lines += [f"nft {family} {name} {line.strip()}" for line in text.splitlines() if line.strip()]
+        return "\n".join(sorted(lines))
+
+    def node_cache_requests(self) -> float:
+        """Requests the node's CoreDNS (the agent's child, ``prometheus :9253`` in the node) has served."""
+        out = self.node_exec(["curl", "-s", "http://127.0.0.1:9253/metrics"], mount=False, timeout=10)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in out.splitlines()
+            if line.startswith("coredns_dns_requests_total{")
+        )
+
+    def dig(self, server: str, name: str, pod: str = "client") -> str:
+        """``dig +short`` from a pod's network namespace; one try, one second; "" without an answer."""
+        out = self.in_pod(pod, ["dig", f"@{server}", name, "+short", "+time=1", "+tries=1"], check=False)
+        return "\n".join(line for line in out.splitlines() if line and not line.startswith(";"))
+
+    def start_load(
+        self, *, rate: float, duration: float, names: str, server: str = KUBE_DNS_IP
+    ) -> subprocess.Popen[str]:
+        """A bounded ``tests.dnsload`` run from the client pod's network namespace; its stdout is the
+        summary (JSON)."""
+        load = ["--server", server, "--rate", str(rate), "--duration", str(duration), "--names", names]
+        return self.popen_in_pod(
+            "client",
+            [sys.executable, "-m", "tests.dnsload", *load],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
 
     def links(self) -> str:
         return self.node_exec(["ip", "-o", "addr", "show"], mount=False)
@@ -460,6 +500,15 @@ class Cluster(sb.Run):
         )
         if "successfully rolled out" not in proc:
             raise ClusterError(f"{kind}/{name} did not roll out: {proc}\n{self.describe_pods(namespace)}")
+
+    def wait_gone(self, namespace: str, selector: str, timeout: float = 60) -> None:
+        """Wait until no pod matching ``selector`` is left in ``namespace``."""
+
+        def gone() -> bool:
+            return not self.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").strip()
+
+        if not poll(gone, timeout, every=0.5):
+            raise ClusterError(f"pods {selector} still in {namespace} after {timeout}s")
 
     def describe_pods(self, namespace: str) -> str:
         return self.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
@@ -604,8 +653,7 @@ class Cluster(sb.Run):
         self.wait_pod_ready("default", "client")
         # kube-proxy has written every Service (tests compare the node's tables against this state).
         ips = [KUBE_DNS_IP, UPSTREAM_DNS_IP, *SERVICES.values()]
-        if not poll(lambda: all(f"{ip} " in self.save_tables() or f"{ip}/32" in self.save_tables()
-                                for ip in ips), 30, every=0.5):  # fmt: skip
+        if not poll(lambda: all(ip in self.normalized_tables() for ip in ips), 30, every=0.5):
             raise ClusterError(f"kube-proxy did not write rules for {ips}:\n{self.log_tail('kube-proxy')}")
 
 

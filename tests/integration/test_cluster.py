@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import manifests
-from tests.cluster import KUBE_DNS_IP, REPO, SERVICES, Cluster, ClusterError
+from tests.cluster import KUBE_DNS_IP, SERVICES, Cluster
 from tests.waiting import poll
 
 LOCAL_IP = manifests.LOCALDNS
@@ -42,7 +40,7 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
 @pytest.fixture(scope="module")
 def before_install(cluster: Cluster) -> dict[str, str]:
     """The node's packet filter and addresses before the manifest is applied."""
-    return {"tables": normalized_tables(cluster), "links": cluster.links()}
+    return {"tables": cluster.normalized_tables(), "links": cluster.links()}
 
 
 @pytest.fixture(scope="module")
@@ -64,35 +62,7 @@ def installed(cluster: Cluster, manifest: Path) -> Iterator[Path]:
     cluster.kubectl("apply", "-f", str(manifest))
     yield manifest
     cluster.kubectl("delete", "-f", str(manifest), "--ignore-not-found", "--wait=true", timeout=90)
-    wait_no_agent_pod(cluster)
-
-
-IPTABLES_TABLES = {"filter", "nat", "mangle", "raw", "security"}
-
-
-def normalized_tables(cluster: Cluster) -> str:
-    """The node's packet filter as sorted lines (kube-proxy writes rules in map order, not a fixed one): the
-    saves of iptables-legacy and iptables-nft, and every other nftables table (kube-proxy's in nftables mode)
-    listed by nft. A table with no rule and only built-in chains that accept is left out: iptables creates one
-    on first use and never removes it (an empty ``raw`` table does nothing to a packet)."""
-    lines: list[str] = []
-    for tool in ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"):
-        table: list[str] = []
-        for line in cluster.node_exec([tool], mount=False, check=False).splitlines():
-            if line.startswith("*"):
-                table = [line]
-            elif line == "COMMIT":
-                if any(not re.fullmatch(r":[A-Z]+ ACCEPT", entry) for entry in table[1:]):
-                    lines += [f"{tool} {table[0]} {entry}" for entry in table[1:]]
-            elif line and not line.startswith("#"):
-                table.append(line.split(" [")[0] if line.startswith(":") else line)
-    for listed in cluster.node_exec(["nft", "list", "tables"], mount=False).splitlines():
-        _, family, name = listed.split()
-        if family in ("ip", "ip6") and name in IPTABLES_TABLES:
-            continue  # iptables-nft's, in its save above
-        text = cluster.node_exec(["nft", "-s", "list", "table", family, name], mount=False)
-        lines += [f"nft {family} {name} {line.strip()}" for line in text.splitlines() if line.strip()]
-    return "\n".join(sorted(lines))
+    cluster.wait_gone("kube-system", AGENT)
 
 
 def agent_pod(cluster: Cluster) -> dict[str, object]:
@@ -100,15 +70,6 @@ def agent_pod(cluster: Cluster) -> dict[str, object]:
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     pod: dict[str, object] = pods[0]
     return pod
-
-
-def wait_no_agent_pod(cluster: Cluster, timeout: float = 60) -> None:
-    def gone() -> bool:
-        out = cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "name")
-        return not out.strip()
-
-    if not poll(gone, timeout, every=0.5):
-        raise ClusterError(f"node-local-dns pod still there after {timeout}s")
 
 
 def probe_results(cluster: Cluster, probe: str) -> dict[str, float]:
@@ -124,29 +85,6 @@ def probe_results(cluster: Cluster, probe: str) -> dict[str, float]:
             assert result is not None
             results[result.group(1)] = results.get(result.group(1), 0) + float(line.rsplit(" ", 1)[1])
     return results
-
-
-def node_coredns_requests(cluster: Cluster) -> float:
-    """Requests the node's CoreDNS (the agent's child, prometheus :9253 in the node) has served."""
-    out = cluster.node_exec(["curl", "-s", "http://127.0.0.1:9253/metrics"], mount=False, timeout=10)
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in out.splitlines()
-        if line.startswith("coredns_dns_requests_total{")
-    )
-
-
-def dig(cluster: Cluster, server: str, name: str) -> str:
-    out = cluster.in_pod("client", ["dig", f"@{server}", name, "+short", "+time=1", "+tries=1"], check=False)
-    return "\n".join(line for line in out.splitlines() if line and not line.startswith(";"))
-
-
-def start_load(cluster: Cluster, *, rate: float, duration: float) -> subprocess.Popen[str]:
-    """A bounded ``tests.dnsload`` run from the client pod's network namespace; its stdout is the summary."""
-    load = ["--server", KUBE_DNS_IP, "--rate", str(rate), "--duration", str(duration), "--names", SERVICE]
-    return cluster.popen_in_pod(
-        "client", [sys.executable, "-m", "tests.dnsload", *load], stdout=subprocess.PIPE, text=True, cwd=REPO
-    )
 
 
 def test_manifest_after_the_documented_sed_rolls_out_ready_with_the_exec_liveness_probe(
@@ -172,16 +110,16 @@ def test_client_pod_resolves_services_through_the_node_cache_without_conntrack(
     cluster: Cluster, installed: Path
 ) -> None:
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
-    served = node_coredns_requests(cluster)
+    served = cluster.node_cache_requests()
     cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
     # glibc (the pod's resolv.conf: nameserver 10.96.0.10, the cluster's search path) and dig.
     getent = cluster.kubectl("exec", "client", "--", "getent", "hosts", "db.prod")
     assert getent.split() == [SERVICES["db.prod"], "db.prod.svc.cluster.local"], getent
-    assert dig(cluster, KUBE_DNS_IP, SERVICE) == SERVICE_IP
-    assert dig(cluster, LOCAL_IP, SERVICE) == SERVICE_IP
-    assert dig(cluster, KUBE_DNS_IP, "example.org") == "192.0.2.80"  # the "." zone, via the upstream
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert cluster.dig(LOCAL_IP, SERVICE) == SERVICE_IP
+    assert cluster.dig(KUBE_DNS_IP, "example.org") == "192.0.2.80"  # the "." zone, via the upstream
     # The node's CoreDNS answered them, and none of them left a conntrack entry on the node.
-    assert node_coredns_requests(cluster) >= served + 4
+    assert cluster.node_cache_requests() >= served + 4
     pod_ip = cluster.kubectl("get", "pod", "client", "-o", "jsonpath={.status.podIP}")
     for server in (KUBE_DNS_IP, LOCAL_IP):
         entries = cluster.conntrack("-p", "udp", "--orig-dst", server, "--orig-src", pod_ip)
@@ -193,7 +131,7 @@ def test_force_delete_of_the_agent_pod_under_load_falls_back_to_kube_dns(
 ) -> None:
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
     first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
-    load = start_load(cluster, rate=1000, duration=8)
+    load = cluster.start_load(rate=1000, duration=8, names=SERVICE)
     time.sleep(2)
     cluster.kubectl("delete", "pod", "-n", "kube-system", first, "--grace-period=0", "--force")
     result = json.loads(load.communicate(timeout=40)[0])
@@ -208,25 +146,25 @@ def test_force_delete_of_the_agent_pod_under_load_falls_back_to_kube_dns(
     second = agent_pod(cluster)
     assert second["metadata"]["name"] != first  # type: ignore[index]
     cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
-    served = node_coredns_requests(cluster)
-    assert dig(cluster, KUBE_DNS_IP, SERVICE) == SERVICE_IP
-    assert node_coredns_requests(cluster) > served
+    served = cluster.node_cache_requests()
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert cluster.node_cache_requests() > served
 
 
 def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
     cluster: Cluster, installed: Path, before_install: dict[str, str]
 ) -> None:
-    installed_tables = normalized_tables(cluster)
+    installed_tables = cluster.normalized_tables()
     assert installed_tables != before_install["tables"]
     assert "NodeLocal DNS" in installed_tables  # the agent's rules, tagged
     cluster.kubectl("delete", "-f", str(installed), "--wait=true", timeout=90)
-    wait_no_agent_pod(cluster)
-    if not poll(lambda: normalized_tables(cluster) == before_install["tables"], 30, every=1):
+    cluster.wait_gone("kube-system", AGENT)
+    if not poll(lambda: cluster.normalized_tables() == before_install["tables"], 30, every=1):
         import difflib
 
         diff = difflib.unified_diff(
-            before_install["tables"].splitlines(), normalized_tables(cluster).splitlines(), lineterm=""
+            before_install["tables"].splitlines(), cluster.normalized_tables().splitlines(), lineterm=""
         )
         raise AssertionError("tables differ after delete:\n" + "\n".join(diff))
     assert cluster.links().splitlines() == before_install["links"].splitlines()
-    assert dig(cluster, KUBE_DNS_IP, SERVICE) == SERVICE_IP  # kube-dns answers the pods again
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP  # kube-dns answers the pods again
