@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -60,6 +61,9 @@ POD_CIDR = "10.244.0.0/24"
 CLUSTER_CIDR = "10.244.0.0/16"
 KUBE_DNS_IP = sb.KUBE_DNS_IP  # 10.96.0.10, the kube-dns Service (the ClusterIP the pods use)
 UPSTREAM_DNS_IP = "10.96.0.53"  # the nameserver of dnsPolicy: Default pods: kube-dns's pods again
+STUB_DNS_IP = "10.96.0.100"  # the stub-domain server, a pod behind this Service
+STUB_ZONES = ("acme.local", "beta.local")  # what it serves (as stub domains of the kube-dns ConfigMap)
+STUB_NAMES = {"www.acme.local": "198.51.100.7", "www.beta.local": "198.51.100.9"}
 AGENT_IMAGE = "node-local-dns-agent:0.1.0"  # as the shipped manifest names it
 COREDNS_IMAGE = "docker.io/coredns/coredns:" + (REPO / "image" / "coredns.version").read_text().strip()[1:]
 EXTERNAL = {"example.org": "192.0.2.80"}  # what upstream-dns answers for names outside the cluster
@@ -501,6 +505,16 @@ class Cluster(sb.Run):
         if "successfully rolled out" not in proc:
             raise ClusterError(f"{kind}/{name} did not roll out: {proc}\n{self.describe_pods(namespace)}")
 
+    def kubectl_edit(self, namespace: str, what: str, sed: str) -> str:
+        """``kubectl edit`` as a person runs it, the editor being ``sed -i -e SED`` on the object's YAML."""
+        editor = self.workdir / "editor"
+        editor.write_text(f'#!/bin/sh\nexec sed -i -e {shlex.quote(sed)} "$1"\n')
+        editor.chmod(0o755)
+        argv = ["ip", "netns", "exec", self.cp.namespace, "env", f"KUBE_EDITOR={editor}",
+                str(controlplane.binaries()["kubectl"]), f"--kubeconfig={self.cp.admin_kubeconfig}",
+                "edit", "-n", namespace, what]  # fmt: skip
+        return sb.run(argv)
+
     def wait_gone(self, namespace: str, selector: str, timeout: float = 60) -> None:
         """Wait until no pod matching ``selector`` is left in ``namespace``."""
 
@@ -649,10 +663,11 @@ class Cluster(sb.Run):
     def _install_cluster_dns(self) -> None:
         self.kubectl("apply", "-f", "-", input=cluster_dns_manifest())
         self.wait_rollout("deployment", "kube-dns")
+        self.wait_rollout("deployment", "stub-dns")
         self.kubectl("apply", "-f", "-", input=client_manifest())
         self.wait_pod_ready("default", "client")
         # kube-proxy has written every Service (tests compare the node's tables against this state).
-        ips = [KUBE_DNS_IP, UPSTREAM_DNS_IP, *SERVICES.values()]
+        ips = [KUBE_DNS_IP, UPSTREAM_DNS_IP, STUB_DNS_IP, *SERVICES.values()]
         if not poll(lambda: all(ip in self.normalized_tables() for ip in ips), 30, every=0.5):
             raise ClusterError(f"kube-proxy did not write rules for {ips}:\n{self.log_tail('kube-proxy')}")
 
@@ -661,8 +676,68 @@ def _yaml_stream(objects: list[dict[str, Any]]) -> str:
     return "\n---\n".join(json.dumps(o) for o in objects) + "\n"
 
 
+KUBE_SYSTEM = {"namespace": "kube-system"}
+
+
+def _template(name: str, ip: str) -> str:
+    return f'    template IN A {name} {{\n        answer "{{{{ .Name }}}} 300 IN A {ip}"\n    }}\n'
+
+
+def _dns_server(name: str, labels: dict[str, str], corefile: str, ips: dict[str, str],
+                account: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """A CoreDNS Deployment in kube-system, its Corefile in the ConfigMap ``NAME-corefile`` (``kube-dns`` is
+    the name of the ConfigMap of stub domains), and a Service per name → ClusterIP."""
+    meta = KUBE_SYSTEM
+    ports = [
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+    ]
+    pod: dict[str, Any] = {
+        "priorityClassName": "system-cluster-critical",
+        "dnsPolicy": "Default",
+        "containers": [{
+            "name": "coredns", "image": COREDNS_IMAGE, "imagePullPolicy": "Never",
+            "args": ["-conf", "/etc/coredns/Corefile"],
+            "ports": [{"containerPort": 53, "protocol": p} for p in ("UDP", "TCP")],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
+            "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}},
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
+        }],
+        "volumes": [{"name": "config", "configMap": {"name": f"{name}-corefile"}}],
+    }  # fmt: skip
+    if account:
+        pod["serviceAccountName"] = account
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-corefile", **meta},
+            "data": {"Corefile": corefile},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels, **meta},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": pod},
+            },
+        },
+    ] + [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service, "labels": labels, **meta},
+            "spec": {"clusterIP": ip, "selector": labels, "ports": ports},
+        }
+        for service, ip in ips.items()
+    ]
+
+
 def cluster_dns_manifest() -> str:
-    """kube-dns as clusters run it: CoreDNS with the ``kubernetes`` plugin, its RBAC, the Services."""
+    """kube-dns as clusters run it: CoreDNS with the ``kubernetes`` plugin, its RBAC, the Services; and a
+    stub-domain server (:data:`STUB_ZONES`) at :data:`STUB_DNS_IP`."""
     corefile = (
         ".:53 {\n"
         "    errors\n"
@@ -672,24 +747,18 @@ def cluster_dns_manifest() -> str:
         "        pods insecure\n"
         "        fallthrough in-addr.arpa ip6.arpa\n"
         "        ttl 30\n"
-        "    }\n"
-        + "".join(
-            f'    template IN A {name} {{\n        answer "{{{{ .Name }}}} 300 IN A {ip}"\n    }}\n'
-            for name, ip in EXTERNAL.items()
-        )
-        + "    cache 30\n"
+        "    }\n" + "".join(_template(name, ip) for name, ip in EXTERNAL.items()) + "    cache 30\n"
         "    loop\n"
         "    reload 2s\n"
         "}\n"
     )
-    labels = {"k8s-app": "kube-dns"}
-    meta = {"namespace": "kube-system"}
-    dns_ports = [
-        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
-        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
-    ]
+    stub = (
+        f"{' '.join(STUB_ZONES)}:53 {{\n    errors\n    health :8080\n    ready :8181\n"
+        + "".join(_template(name, ip) for name, ip in STUB_NAMES.items())
+        + "}\n"
+    )
     objects: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", **meta}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", **KUBE_SYSTEM}},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
@@ -718,58 +787,10 @@ def cluster_dns_manifest() -> str:
             },
             "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}],
         },
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "coredns", **meta},
-            "data": {"Corefile": corefile},
-        },
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "kube-dns", "labels": labels, **meta},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": "coredns",
-                        "priorityClassName": "system-cluster-critical",
-                        "dnsPolicy": "Default",
-                        "containers": [
-                            {
-                                "name": "coredns",
-                                "image": COREDNS_IMAGE,
-                                "imagePullPolicy": "Never",
-                                "args": ["-conf", "/etc/coredns/Corefile"],
-                                "ports": [{"containerPort": 53, "protocol": p} for p in ("UDP", "TCP")],
-                                "readinessProbe": {
-                                    "httpGet": {"path": "/ready", "port": 8181},
-                                    "periodSeconds": 2,
-                                },
-                                "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}},
-                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
-                            }
-                        ],
-                        "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
-                    },
-                },
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "kube-dns", "labels": {**labels, "kubernetes.io/name": "CoreDNS"}, **meta},
-            "spec": {"clusterIP": KUBE_DNS_IP, "selector": labels, "ports": dns_ports},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "upstream-dns", **meta},
-            "spec": {"clusterIP": UPSTREAM_DNS_IP, "selector": labels, "ports": dns_ports},
-        },
-    ]
+        *_dns_server("kube-dns", {"k8s-app": "kube-dns"}, corefile,
+                     {"kube-dns": KUBE_DNS_IP, "upstream-dns": UPSTREAM_DNS_IP}, account="coredns"),
+        *_dns_server("stub-dns", {"k8s-app": "stub-dns"}, stub, {"stub-dns": STUB_DNS_IP}),
+    ]  # fmt: skip
     return _yaml_stream(objects)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import manifests
-from tests.cluster import KUBE_DNS_IP, SERVICES, Cluster
+from tests.cluster import KUBE_DNS_IP, SERVICES, STUB_DNS_IP, STUB_NAMES, Cluster
 from tests.waiting import poll
 
 LOCAL_IP = manifests.LOCALDNS
@@ -62,6 +62,8 @@ def installed(cluster: Cluster, manifest: Path) -> Iterator[Path]:
     cluster.kubectl("apply", "-f", str(manifest))
     yield manifest
     cluster.kubectl("delete", "-f", str(manifest), "--ignore-not-found", "--wait=true", timeout=90)
+    cluster.kubectl("delete", "-f", str(manifests.API_RBAC), "--ignore-not-found")
+    cluster.kubectl("delete", "configmap", "kube-dns", "-n", "kube-system", "--ignore-not-found")
     cluster.wait_gone("kube-system", AGENT)
 
 
@@ -149,6 +151,99 @@ def test_force_delete_of_the_agent_pod_under_load_falls_back_to_kube_dns(
     served = cluster.node_cache_requests()
     assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
     assert cluster.node_cache_requests() > served
+
+
+def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
+    duration = 14.0
+    cluster_ip = cluster.start_load(rate=1000, duration=duration, names=SERVICE)
+    link_local = cluster.start_load(rate=200, duration=duration, names=SERVICE, server=LOCAL_IP)
+    time.sleep(2)
+    cluster.kubectl("set", "env", "-n", "kube-system", "daemonset/node-local-dns", f"ROLLED={time.time()}")
+    results = [json.loads(load.communicate(timeout=duration + 30)[0]) for load in (cluster_ip, link_local)]
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    second = agent_pod(cluster)
+    assert second["metadata"]["name"] != first, "no new pod"  # type: ignore[index]
+    # The old pod's bounded shutdown hands the ClusterIP back to kube-dns before CoreDNS stops, and the new
+    # pod takes it over only once its CoreDNS answers: nothing is lost on that path.
+    assert results[0]["sent"] == 1000 * duration and results[0]["failed"] == 0, results[0]
+    # The link-local address has no kube-dns behind it: queries to it fail while no CoreDNS serves there.
+    with capsys.disabled():
+        summary = {k: results[1][k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] rolling update, link-local path at 200 qps: {summary}")
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert second["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
+
+
+def stub_domains(*zones: str) -> str:
+    return json.dumps({zone: [STUB_DNS_IP] for zone in zones})
+
+
+def test_a_stub_domain_added_with_kubectl_edit_is_answered_through_the_cache_with_no_query_lost(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    meta = {"name": "kube-dns", "namespace": "kube-system"}
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {"stubDomains": stub_domains()},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(configmap))
+    duration = 20.0
+    load = cluster.start_load(rate=500, duration=duration, names=SERVICE)
+    time.sleep(1)
+    started = time.monotonic()
+    cluster.kubectl_edit(
+        "kube-system", "configmap/kube-dns", f"s|stubDomains: .*|stubDomains: '{stub_domains('acme.local')}'|"
+    )
+    name, ip = "www.acme.local", STUB_NAMES["www.acme.local"]
+    answered = poll(lambda: cluster.dig(KUBE_DNS_IP, name) == ip, 40, every=0.25)
+    elapsed = time.monotonic() - started
+    result = json.loads(load.communicate(timeout=duration + 30)[0])
+    assert answered, f"{name} not answered within 40 s of the edit"
+    assert result["failed"] == 0, result
+    # Through the node's cache: the pod's query leaves no conntrack entry, the cache's forward to the stub
+    # server's ClusterIP does (a fresh name under the zone, so the cache cannot answer it by itself).
+    cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
+    assert cluster.dig(KUBE_DNS_IP, f"fresh-{time.monotonic_ns()}.{name}") == ip
+    assert "dport=53" not in cluster.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    assert f"src={cluster.node_ip} dst={STUB_DNS_IP}" in cluster.conntrack("--orig-dst", STUB_DNS_IP)
+    with capsys.disabled():
+        print(
+            f"\n[{cluster.proxy_mode}] stub domain via the mounted ConfigMap: answered {elapsed:.1f}s later"
+        )
+
+
+def test_the_api_source_answers_a_stub_domain_added_with_kubectl_edit_within_a_second(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's optional step: the Role and RoleBinding, then the documented patch (flag and token).
+    cluster.kubectl("apply", "-f", str(manifests.API_RBAC))
+    patch = json.dumps(manifests.documented_patch())
+    cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p", patch)
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(
+        lambda: cluster.dig(KUBE_DNS_IP, "www.acme.local") == STUB_NAMES["www.acme.local"], 30, every=0.5
+    )
+    name, ip = "www.beta.local", STUB_NAMES["www.beta.local"]
+    started = time.monotonic()
+    cluster.kubectl_edit(
+        "kube-system", "configmap/kube-dns",
+        f"s|stubDomains: .*|stubDomains: '{stub_domains('acme.local', 'beta.local')}'|",
+    )  # fmt: skip
+    answered = poll(lambda: cluster.dig(KUBE_DNS_IP, name) == ip, 10, every=0.05)
+    elapsed = time.monotonic() - started
+    assert answered, f"{name} not answered within 10 s of the edit"
+    with capsys.disabled():
+        print(
+            f"\n[{cluster.proxy_mode}] stub domain via the API source: answered {elapsed:.2f}s after the edit"
+        )
+    assert elapsed < 2.0  # about a second; kubectl edit's own round trip is in it
 
 
 def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
