@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-integration lint bench bench-quick soak soak-quick clean \
+.PHONY: setup demo demo-cluster test test-unit test-integration lint bench bench-quick soak soak-quick clean \
 	wheel wheel-smoke image-lint manifest-check unit-check ship-check image controlplane test-controlplane
 
 setup:
@@ -10,6 +10,13 @@ setup:
 
 demo: setup
 	$(PY) -m bench.demo
+
+# The same story on a real single-node cluster (tests/cluster.py; about a minute, root): the shipped manifest
+# applied with kubectl, a pod resolving through the node's cache, a force delete under load, kubectl delete -f.
+# DEMO_ARGS="--mode nftables" for kube-proxy's nftables mode.
+DEMO_ARGS ?=
+demo-cluster: setup
+	$(PY) -m bench.demo_cluster $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest tests

@@ -82,6 +82,10 @@ def wanted_rules(
     raw OUTPUT      -d ADDR udp 53 -m mark PROBE  NOTRACK  the agent's own probes reach the local CoreDNS even
                                                           where kube-proxy DNATs ADDR (the kube-dns ClusterIP)
                                                           and the host rules are off (group "probe")
+    raw OUTPUT      -s ADDR -d ADDR udp sport 53  NOTRACK  their replies (a probe of ADDR comes from ADDR): a
+                                                          tracked reply to the ClusterIP is a new flow, which
+                                                          kube-proxy's nftables mode rejects as traffic to an
+                                                          invalid port of a ClusterIP
     Per address and protocol (see the README for why each exists; ``socket_gate=False`` gives node-cache's
     ungated PREROUTING rule, for the benchmarks' baseline only):
     raw PREROUTING  -d ADDR --dport 53 -m socket  NOTRACK  pods' queries skip conntrack and kube-proxy's DNAT
@@ -95,9 +99,13 @@ def wanted_rules(
     rules: list[Rule] = []
     mark = f"-m mark --mark {probe_mark:#x}/{probe_mark:#x}"
     for ip in local_ips:
-        probe = f"-d {_cidr(ip)} -p udp -m udp --dport {dns_port} {mark}"
-        spec = _spec(probe, comment=HEALTH_PROBES, target="-j CT --notrack")
-        rules.append(Rule(family_of(ip), "raw", "OUTPUT", spec, "probe"))
+        addr = _cidr(ip)
+        for probe in (
+            f"-d {addr} -p udp -m udp --dport {dns_port} {mark}",
+            f"-s {addr} -d {addr} -p udp -m udp --sport {dns_port}",
+        ):
+            spec = _spec(probe, comment=HEALTH_PROBES, target="-j CT --notrack")
+            rules.append(Rule(family_of(ip), "raw", "OUTPUT", spec, "probe"))
     if not pod_rules:
         return rules
     for ip in local_ips:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test bed's control plane: kube-apiserver and kubectl, etcd and helm, each built from the Go module pinned
-# under controlplane/ (go.mod and go.sum committed) and cached under /var/cache/node-local-dns-agent/, so a warm
+# The test bed's control plane: kube-apiserver and kubectl (with the node components kubelet, kube-proxy,
+# kube-controller-manager and kube-scheduler for the cluster fixture), etcd and helm, each built from the Go
+# module pinned under controlplane/ (go.mod and go.sum committed) and cached under /var/cache/node-local-dns-agent/, so a warm
 # run takes a second. Nothing is installed on the machine's PATH: the tests run these binaries by path
 # (tests/controlplane.py finds them the same way as this script).
 #
@@ -50,13 +51,15 @@ helm_dir=controlplane/helm
 k8s_version="$(required "$k8s_dir" k8s.io/kubernetes)"
 etcd_version="$(required "$etcd_dir" go.etcd.io/etcd/server/v3)"
 helm_version="$(required "$helm_dir" helm.sh/helm/v3)"
-k8s_out="$CACHE_ROOT/kubernetes-$k8s_version"
+k8s_out="$CACHE_ROOT/kubernetes-full-$k8s_version"  # the control plane and the node components
 etcd_out="$CACHE_ROOT/etcd-$etcd_version"
 helm_out="$CACHE_ROOT/helm-$helm_version"
 
 if [ "${1:-}" = "--paths" ]; then
-  printf '%s=%s\n' kube-apiserver "$k8s_out/kube-apiserver" kubectl "$k8s_out/kubectl" \
-    etcd "$etcd_out/etcd" helm "$helm_out/helm"
+  for cmd in kube-apiserver kubectl kubelet kube-proxy kube-controller-manager kube-scheduler; do
+    printf '%s=%s\n' "$cmd" "$k8s_out/$cmd"
+  done
+  printf '%s=%s\n' etcd "$etcd_out/etcd" helm "$helm_out/helm"
   exit 0
 fi
 
@@ -77,8 +80,9 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
   k8s_ldflags+=" -X $pkg.gitTreeState=clean"
 done
-build "kube-apiserver and kubectl $k8s_version" "$k8s_dir" "$k8s_out" "$k8s_ldflags" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+k8s_cmds=(kube-apiserver kubectl kubelet kube-proxy kube-controller-manager kube-scheduler)
+build "Kubernetes $k8s_version (${k8s_cmds[*]})" "$k8s_dir" "$k8s_out" "$k8s_ldflags" \
+  "${k8s_cmds[@]/#/k8s.io/kubernetes/cmd/}"
 
 build "etcd $etcd_version" "$etcd_dir" "$etcd_out" "" .
 
@@ -95,7 +99,9 @@ build "helm $helm_version" "$helm_dir" "$helm_out" "$helm_ldflags" helm.sh/helm/
 # (Output captured first: a `grep -q` closing the pipe early would fail the pipeline under pipefail.)
 version_is() { local out; out="$("$1" "${@:3}")"; [[ "$out" == *"$2"* ]] ||
   { echo "setup-controlplane: $1 is not $2" >&2; exit 1; }; }
-version_is "$k8s_out/kube-apiserver" "Kubernetes $k8s_version" --version
+for cmd in kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler; do
+  version_is "$k8s_out/$cmd" "Kubernetes $k8s_version" --version
+done
 version_is "$etcd_out/etcd" "etcd Version: ${etcd_version#v}" --version
 version_is "$helm_out/helm" "$helm_version" version --template '{{.Version}}'
-log "control plane: kube-apiserver/kubectl $k8s_version, etcd $etcd_version, helm $helm_version"
+log "control plane: ${k8s_cmds[*]} $k8s_version, etcd $etcd_version, helm $helm_version"

@@ -51,6 +51,9 @@ else
 fi
 # 4. Podman, the base images' stand-ins and the container image.
 bash scripts/setup-image.sh
-# 5. The control plane the tests run (kube-apiserver, kubectl, etcd, helm), cached.
+# 5. The control plane the tests run (kube-apiserver, kubectl, etcd, helm) and the node components (kubelet,
+#    kube-proxy, kube-controller-manager, kube-scheduler), cached.
 bash scripts/setup-controlplane.sh
+# 6. The cluster fixture's node parts: containerd, runc, the CNI plugins and the pause image.
+bash scripts/setup-cluster.sh
 log "done"

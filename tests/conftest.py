@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests import sandbox as sb
+
+if TYPE_CHECKING:
+    from tests.cluster import Cluster, ProxyMode
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 _skipped_integration: list[str] = []
@@ -45,12 +49,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from tests import agentcontainer  # podman's view, only asked when a sandbox ran
+    from tests import agentcontainer, cluster  # podman's view and the cgroups, asked when a sandbox ran
 
-    leaks = agentcontainer.leftovers(sb.CREATED_RUNS) + sb.leftovers(sb.CREATED_RUNS)
+    leaks = (
+        agentcontainer.leftovers(sb.CREATED_RUNS)
+        + cluster.leftovers(sb.CREATED_RUNS)
+        + sb.leftovers(sb.CREATED_RUNS)
+    )
     if leaks:
         session.config.stash[_leaks_key] = leaks
         agentcontainer.remove_leftovers_of(sb.CREATED_RUNS)
+        cluster.remove_leftovers_of(sb.CREATED_RUNS)
         sb.remove_leftovers_of(sb.CREATED_RUNS)
         session.exitstatus = 1
     if IN_CI and _skipped_integration:
@@ -82,6 +91,31 @@ def node_sandbox(flavour: sb.Flavour) -> Iterator[sb.Sandbox]:
     """A fresh sandbox per test, in both iptables flavours."""
     with sb.Sandbox(flavour=flavour) as box:
         yield box
+
+
+@pytest.fixture(scope="session")
+def iptables_cluster() -> Iterator[Cluster]:
+    """One real single-node cluster (kube-proxy in iptables mode) for every cluster test of the session."""
+    yield from _cluster("iptables")
+
+
+@pytest.fixture(scope="session")
+def nftables_cluster() -> Iterator[Cluster]:
+    """The same with kube-proxy in nftables mode."""
+    yield from _cluster("nftables")
+
+
+def _cluster(mode: ProxyMode) -> Iterator[Cluster]:
+    from tests import cluster
+
+    reason = cluster.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with cluster.started(mode) as c:
+        yield c
+        # What the kubelet changed host-wide is put back by stop(); checked here, with the cluster's record.
+        recorded = c.recorded_sysctls
+    assert c.host_sysctls() == recorded
 
 
 @pytest.fixture(scope="module")

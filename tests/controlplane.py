@@ -140,6 +140,7 @@ class ControlPlane(sb.Run):
     sends bookmarks."""
 
     uncached: Sequence[str] = ()
+    apiserver_args: Sequence[str] = ()  # more kube-apiserver flags (a later flag overrides an earlier one)
     admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
     client_token: str = field(default_factory=lambda: secrets.token_hex(16))
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
@@ -261,6 +262,7 @@ class ControlPlane(sb.Run):
         ]  # fmt: skip
         if self.uncached:
             argv.append("--watch-cache-sizes=" + ",".join(f"{r}#0" for r in self.uncached))
+        argv += self.apiserver_args
         self._popen("kube-apiserver", argv)
         if not poll(self._ready, timeout, every=0.1):
             raise ControlPlaneError(f"kube-apiserver not ready within {timeout}s:\n{self.log_tail()}")
@@ -358,12 +360,17 @@ class ControlPlane(sb.Run):
         return revision
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout: float = 60,
     ) -> str:
         """Our pinned kubectl, run inside the namespace as the admin (or with ``kubeconfig``)."""
         argv = ["ip", "netns", "exec", self.namespace, str(binaries()["kubectl"]),
                 f"--kubeconfig={kubeconfig or self.admin_kubeconfig}", *args]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=60, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise ControlPlaneError(
                 f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"

@@ -184,7 +184,7 @@ def test_a_full_check_runs_at_the_safety_interval_even_when_the_fingerprint_is_b
     assert pf.reconcile() == []
     clock.now += pf.full_check_interval
     raw_output_v4 = [e for e in expected(False) if e[:3] == (4, "raw", "OUTPUT")]
-    assert len(pf.reconcile()) == len(raw_output_v4) == 10  # per address: replies, health, the probe
+    assert len(pf.reconcile()) == len(raw_output_v4) == 12  # per address: replies, health, the probe pair
     assert ours(fake) == expected(False)
 
 

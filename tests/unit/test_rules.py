@@ -48,18 +48,29 @@ def test_each_address_gets_the_node_cache_rule_set_with_the_socket_gate_in_prero
         ("raw", "OUTPUT", f"-s 10.96.0.10/32 {health.format('s')}"),
         ("raw", "OUTPUT", f'-d 10.96.0.10/32 -p udp -m udp --dport 53 -m mark --mark 0x2000/0x2000 '
                           f'-m comment --comment "{HEALTH_PROBES}" -j CT --notrack'),
+        ("raw", "OUTPUT", f'-s 10.96.0.10/32 -d 10.96.0.10/32 -p udp -m udp --sport 53 '
+                          f'-m comment --comment "{HEALTH_PROBES}" -j CT --notrack'),
     }  # fmt: skip
     assert got == expected
 
 
-def test_before_coredns_answers_only_the_marked_probes_skip_conntrack() -> None:
+def test_before_coredns_answers_only_the_marked_probes_and_their_replies_skip_conntrack() -> None:
     only = wanted_rules([V4, V6], dns_port=53, health_port=8080, host_rules=False, pod_rules=False,
                         probe_mark=0x100)  # fmt: skip
-    assert [(r.family, r.chain, r.group) for r in only] == [(4, "OUTPUT", "probe"), (6, "OUTPUT", "probe")]
-    assert all("-m mark --mark 0x100/0x100" in r.spec for r in only)
+    assert [(r.family, r.chain, r.group) for r in only] == [(4, "OUTPUT", "probe")] * 2 + [
+        (6, "OUTPUT", "probe")
+    ] * 2
+    queries, replies = only[::2], only[1::2]
+    assert all("-m mark --mark 0x100/0x100" in r.spec and "--dport 53" in r.spec for r in queries)
+    # A probe of ADDR comes from ADDR: its reply must not become a tracked flow to ADDR, which kube-proxy's
+    # nftables mode rejects when ADDR is a ClusterIP (the marked query alone is untracked).
+    assert [r.spec.split(" -m comment")[0] for r in replies] == [
+        "-s 169.254.20.10/32 -d 169.254.20.10/32 -p udp -m udp --sport 53",
+        "-s fd00::10/128 -d fd00::10/128 -p udp -m udp --sport 53",
+    ]
     # They stand first in the full set, which keeps them.
     full = wanted_rules([V4, V6], dns_port=53, health_port=8080, host_rules=True, probe_mark=0x100)
-    assert full[:2] == only
+    assert full[:4] == only
 
 
 def test_no_rule_uses_nowildcard_or_the_notrack_spelling_that_cannot_be_compared() -> None:

@@ -1,0 +1,265 @@
+"""The shipped DaemonSet on a real single-node cluster (tests/cluster.py), kube-proxy in iptables mode and in
+nftables mode (the README's iptables-mode sed serves both).
+
+The manifest is installed as the README says (the documented sed, ``kubectl apply -f``), run by a real
+kubelet from the agent's image, and proven from a real pod: queries to the kube-dns ClusterIP are answered by
+the node's cache without a conntrack entry; a force delete of the agent's pod under load falls back to
+kube-dns; and ``kubectl delete -f`` leaves the node's packet filter as it was before the install. The tests
+share one install and run in file order (the last one removes it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import manifests
+from tests.cluster import KUBE_DNS_IP, SERVICES, STUB_DNS_IP, STUB_NAMES, Cluster
+from tests.waiting import poll
+
+LOCAL_IP = manifests.LOCALDNS
+SERVICE = "web.default.svc.cluster.local"
+SERVICE_IP = SERVICES["web.default"]
+AGENT = "k8s-app=node-local-dns"
+# The first test also starts the session's cluster (about 20 s on an idle machine; more when it is shared).
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The session's cluster of each kube-proxy mode; the tests run on one mode, then on the other."""
+    result: Cluster = request.getfixturevalue(f"{request.param}_cluster")
+    return result
+
+
+@pytest.fixture(scope="module")
+def before_install(cluster: Cluster) -> dict[str, str]:
+    """The node's packet filter and addresses before the manifest is applied."""
+    return {"tables": cluster.normalized_tables(), "links": cluster.links()}
+
+
+@pytest.fixture(scope="module")
+def manifest(
+    cluster: Cluster, before_install: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """image/nodelocaldns.yaml after the README's iptables-mode sed, with the cluster's kube-dns ClusterIP."""
+    kubedns = cluster.kubectl(
+        "get", "svc", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.spec.clusterIP}"
+    )
+    assert kubedns == KUBE_DNS_IP
+    workdir = tmp_path_factory.mktemp("manifest")
+    manifests.run_sed("iptables", workdir, kubedns=kubedns)
+    return workdir / "nodelocaldns.yaml"
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, manifest: Path) -> Iterator[Path]:
+    cluster.kubectl("apply", "-f", str(manifest))
+    yield manifest
+    cluster.kubectl("delete", "-f", str(manifest), "--ignore-not-found", "--wait=true", timeout=90)
+    cluster.kubectl("delete", "-f", str(manifests.API_RBAC), "--ignore-not-found")
+    cluster.kubectl("delete", "configmap", "kube-dns", "-n", "kube-system", "--ignore-not-found")
+    cluster.wait_gone("kube-system", AGENT)
+
+
+def agent_pod(cluster: Cluster) -> dict[str, object]:
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "json"))["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    pod: dict[str, object] = pods[0]
+    return pod
+
+
+def probe_results(cluster: Cluster, probe: str) -> dict[str, float]:
+    """The kubelet's prober_probe_total for the agent's container: result → count."""
+    out = cluster.node_exec(
+        ["curl", "-sk", f"https://{cluster.node_ip}:10250/metrics/probes"], mount=False, timeout=10
+    )
+    results: dict[str, float] = {}
+    for line in out.splitlines():
+        if line.startswith("prober_probe_total{") and 'container="node-cache"' in line and \
+                f'probe_type="{probe}"' in line:  # fmt: skip
+            result = re.search(r'result="(\w+)"', line)
+            assert result is not None
+            results[result.group(1)] = results.get(result.group(1), 0) + float(line.rsplit(" ", 1)[1])
+    return results
+
+
+def test_manifest_after_the_documented_sed_rolls_out_ready_with_the_exec_liveness_probe(
+    cluster: Cluster, installed: Path
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    pod = agent_pod(cluster)
+    status = pod["status"]
+    assert isinstance(status, dict)
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    # The exec liveness probe (`agent --check`) runs and passes: the kubelet's own count, and no restart.
+    if not poll(lambda: probe_results(cluster, "Liveness").get("successful", 0) >= 1, 40, every=1):
+        raise AssertionError(f"no successful liveness probe: {probe_results(cluster, 'Liveness')}")
+    assert "failed" not in probe_results(cluster, "Liveness")
+    assert probe_results(cluster, "Readiness").get("successful", 0) >= 1
+    assert agent_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
+    assert f"inet {LOCAL_IP}/32" in cluster.links()
+    # The README's own check, through the API and the kubelet.
+    cluster.kubectl("-n", "kube-system", "exec", "daemonset/node-local-dns", "--", "agent", "--check")
+
+
+def test_client_pod_resolves_services_through_the_node_cache_without_conntrack(
+    cluster: Cluster, installed: Path
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    served = cluster.node_cache_requests()
+    cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
+    # glibc (the pod's resolv.conf: nameserver 10.96.0.10, the cluster's search path) and dig.
+    getent = cluster.kubectl("exec", "client", "--", "getent", "hosts", "db.prod")
+    assert getent.split() == [SERVICES["db.prod"], "db.prod.svc.cluster.local"], getent
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert cluster.dig(LOCAL_IP, SERVICE) == SERVICE_IP
+    assert cluster.dig(KUBE_DNS_IP, "example.org") == "192.0.2.80"  # the "." zone, via the upstream
+    # The node's CoreDNS answered them, and none of them left a conntrack entry on the node.
+    assert cluster.node_cache_requests() >= served + 4
+    pod_ip = cluster.kubectl("get", "pod", "client", "-o", "jsonpath={.status.podIP}")
+    for server in (KUBE_DNS_IP, LOCAL_IP):
+        entries = cluster.conntrack("-p", "udp", "--orig-dst", server, "--orig-src", pod_ip)
+        assert "dport=53" not in entries, entries
+
+
+def test_force_delete_of_the_agent_pod_under_load_falls_back_to_kube_dns(
+    cluster: Cluster, installed: Path
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
+    load = cluster.start_load(rate=1000, duration=8, names=SERVICE)
+    time.sleep(2)
+    cluster.kubectl("delete", "pod", "-n", "kube-system", first, "--grace-period=0", "--force")
+    result = json.loads(load.communicate(timeout=40)[0])
+    assert result["sent"] == 8000, result
+    # Only queries in flight when the pod went may be lost (a quarter of a second of load at most, on a
+    # machine shared with other work), all at that moment; the rest went to kube-dns at once.
+    failures = [float(t) for t in result["failure_times"]]  # type: ignore[attr-defined]
+    assert int(result["failed"]) <= 250, result  # type: ignore[call-overload]
+    assert not failures or max(failures) - min(failures) < 0.25, result
+    assert float(result["longest_gap"]) < 1.0, result  # type: ignore[arg-type]
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    second = agent_pod(cluster)
+    assert second["metadata"]["name"] != first  # type: ignore[index]
+    cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
+    served = cluster.node_cache_requests()
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert cluster.node_cache_requests() > served
+
+
+def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
+    duration = 14.0
+    cluster_ip = cluster.start_load(rate=1000, duration=duration, names=SERVICE)
+    link_local = cluster.start_load(rate=200, duration=duration, names=SERVICE, server=LOCAL_IP)
+    time.sleep(2)
+    cluster.kubectl("set", "env", "-n", "kube-system", "daemonset/node-local-dns", f"ROLLED={time.time()}")
+    results = [json.loads(load.communicate(timeout=duration + 30)[0]) for load in (cluster_ip, link_local)]
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    second = agent_pod(cluster)
+    assert second["metadata"]["name"] != first, "no new pod"  # type: ignore[index]
+    # The old pod's bounded shutdown hands the ClusterIP back to kube-dns before CoreDNS stops, and the new
+    # pod takes it over only once its CoreDNS answers: nothing is lost on that path.
+    assert results[0]["sent"] == 1000 * duration and results[0]["failed"] == 0, results[0]
+    # The link-local address has no kube-dns behind it: queries to it fail while no CoreDNS serves there.
+    with capsys.disabled():
+        summary = {k: results[1][k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] rolling update, link-local path at 200 qps: {summary}")
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert second["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
+
+
+def stub_domains(*zones: str) -> str:
+    return json.dumps({zone: [STUB_DNS_IP] for zone in zones})
+
+
+def test_a_stub_domain_added_with_kubectl_edit_is_answered_through_the_cache_with_no_query_lost(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    meta = {"name": "kube-dns", "namespace": "kube-system"}
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {"stubDomains": stub_domains()},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(configmap))
+    duration = 20.0
+    load = cluster.start_load(rate=500, duration=duration, names=SERVICE)
+    time.sleep(1)
+    started = time.monotonic()
+    cluster.kubectl_edit(
+        "kube-system", "configmap/kube-dns", f"s|stubDomains: .*|stubDomains: '{stub_domains('acme.local')}'|"
+    )
+    name, ip = "www.acme.local", STUB_NAMES["www.acme.local"]
+    answered = poll(lambda: cluster.dig(KUBE_DNS_IP, name) == ip, 40, every=0.25)
+    elapsed = time.monotonic() - started
+    result = json.loads(load.communicate(timeout=duration + 30)[0])
+    assert answered, f"{name} not answered within 40 s of the edit"
+    assert result["failed"] == 0, result
+    # Through the node's cache: the pod's query leaves no conntrack entry, the cache's forward to the stub
+    # server's ClusterIP does (a fresh name under the zone, so the cache cannot answer it by itself).
+    cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
+    assert cluster.dig(KUBE_DNS_IP, f"fresh-{time.monotonic_ns()}.{name}") == ip
+    assert "dport=53" not in cluster.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+    assert f"src={cluster.node_ip} dst={STUB_DNS_IP}" in cluster.conntrack("--orig-dst", STUB_DNS_IP)
+    with capsys.disabled():
+        print(
+            f"\n[{cluster.proxy_mode}] stub domain via the mounted ConfigMap: answered {elapsed:.1f}s later"
+        )
+
+
+def test_the_api_source_answers_a_stub_domain_added_with_kubectl_edit_within_a_second(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's optional step: the Role and RoleBinding, then the documented patch (flag and token).
+    cluster.kubectl("apply", "-f", str(manifests.API_RBAC))
+    patch = json.dumps(manifests.documented_patch())
+    cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p", patch)
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(
+        lambda: cluster.dig(KUBE_DNS_IP, "www.acme.local") == STUB_NAMES["www.acme.local"], 30, every=0.5
+    )
+    name, ip = "www.beta.local", STUB_NAMES["www.beta.local"]
+    started = time.monotonic()
+    cluster.kubectl_edit(
+        "kube-system", "configmap/kube-dns",
+        f"s|stubDomains: .*|stubDomains: '{stub_domains('acme.local', 'beta.local')}'|",
+    )  # fmt: skip
+    answered = poll(lambda: cluster.dig(KUBE_DNS_IP, name) == ip, 10, every=0.05)
+    elapsed = time.monotonic() - started
+    assert answered, f"{name} not answered within 10 s of the edit"
+    with capsys.disabled():
+        print(
+            f"\n[{cluster.proxy_mode}] stub domain via the API source: answered {elapsed:.2f}s after the edit"
+        )
+    assert elapsed < 2.0  # about a second; kubectl edit's own round trip is in it
+
+
+def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
+    cluster: Cluster, installed: Path, before_install: dict[str, str]
+) -> None:
+    installed_tables = cluster.normalized_tables()
+    assert installed_tables != before_install["tables"]
+    assert "NodeLocal DNS" in installed_tables  # the agent's rules, tagged
+    cluster.kubectl("delete", "-f", str(installed), "--wait=true", timeout=90)
+    cluster.wait_gone("kube-system", AGENT)
+    if not poll(lambda: cluster.normalized_tables() == before_install["tables"], 30, every=1):
+        import difflib
+
+        diff = difflib.unified_diff(
+            before_install["tables"].splitlines(), cluster.normalized_tables().splitlines(), lineterm=""
+        )
+        raise AssertionError("tables differ after delete:\n" + "\n".join(diff))
+    assert cluster.links().splitlines() == before_install["links"].splitlines()
+    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP  # kube-dns answers the pods again
