@@ -28,19 +28,13 @@ def say(text: str) -> None:
 
 def path_of_query(cluster: Cluster) -> str:
     """Where the client pod's query to the ClusterIP went: the node's CoreDNS counters and conntrack tell."""
-    served = cluster.node_cache_requests() if agent_running(cluster) else 0.0
+    served = cluster.node_cache_requests() if cluster.node_cache_up() else 0.0
     cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
     answer = cluster.dig(KUBE_DNS_IP, SERVICE)
     tracked = "dport=53" in cluster.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
-    local = agent_running(cluster) and cluster.node_cache_requests() > served
+    local = cluster.node_cache_up() and cluster.node_cache_requests() > served
     via = "the node's cache (not tracked)" if local and not tracked else "kube-proxy to kube-dns (tracked)"
     return f"{answer or 'no answer':12} via {via}"
-
-
-def agent_running(cluster: Cluster) -> bool:
-    out = cluster.node_exec(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                             "http://127.0.0.1:9253/metrics"], mount=False, check=False)  # fmt: skip
-    return out.strip() == "200"
 
 
 def main() -> int:

@@ -384,12 +384,13 @@ class Cluster(sb.Run):
         result: dict[str, Any] = json.loads(self.kubectl("get", kind, name, "-n", namespace, "-o", "json"))
         return result
 
-    def pod_pid(self, namespace: str, name: str) -> int:
-        """The host PID of the first process of pod ``name`` (its sandbox's, whose namespaces it shares)."""
-        containers = self.ctr(
-            "containers", "ls", "-q",
-            f'labels."io.kubernetes.pod.name"=={name},labels."io.kubernetes.pod.namespace"=={namespace}',
-        ).split()  # fmt: skip
+    def pod_pid(self, namespace: str, name: str, container: str | None = None) -> int:
+        """The host PID of the first process of pod ``name``: of ``container``, or of any of its containers
+        (a container's network namespace is its pod's)."""
+        labels = f'labels."io.kubernetes.pod.name"=={name},labels."io.kubernetes.pod.namespace"=={namespace}'
+        if container:
+            labels += f',labels."io.kubernetes.container.name"=={container}'
+        containers = self.ctr("containers", "ls", "-q", labels).split()
         tasks = {
             parts[0]: int(parts[1])
             for parts in (line.split() for line in self.ctr("tasks", "ls").splitlines()[1:])
@@ -397,7 +398,7 @@ class Cluster(sb.Run):
         }
         pids = [tasks[c] for c in containers if c in tasks]
         if not pids:
-            raise ClusterError(f"no running container of pod {namespace}/{name}")
+            raise ClusterError(f"no running container {container or ''} of pod {namespace}/{name}")
         return pids[0]
 
     def in_pod(
@@ -445,6 +446,12 @@ class Cluster(sb.Run):
             text = self.node_exec(["nft", "-s", "list", "table", family, name], mount=False)
             lines += [f"nft {family} {name} {line.strip()}" for line in text.splitlines() if line.strip()]
         return "\n".join(sorted(lines))
+
+    def node_cache_up(self) -> bool:
+        """The node's CoreDNS (the agent's child) serves its metrics."""
+        out = self.node_exec(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                              "http://127.0.0.1:9253/metrics"], mount=False, check=False)  # fmt: skip
+        return out.strip() == "200"
 
     def node_cache_requests(self) -> float:
         """Requests the node's CoreDNS (the agent's child, ``prometheus :9253`` in the node) has served."""

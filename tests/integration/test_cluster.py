@@ -10,11 +10,15 @@ share one install and run in file order (the last one removes it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +30,7 @@ LOCAL_IP = manifests.LOCALDNS
 SERVICE = "web.default.svc.cluster.local"
 SERVICE_IP = SERVICES["web.default"]
 AGENT = "k8s-app=node-local-dns"
+OOM_LIMIT = "32Mi"  # below what the agent needs to start (about 40 MB), so the OOM killer takes it
 # The first test also starts the session's cluster (about 20 s on an idle machine; more when it is shared).
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,6 +94,15 @@ def probe_results(cluster: Cluster, probe: str) -> dict[str, float]:
     return results
 
 
+def answered_by_node_cache(cluster: Cluster) -> bool:
+    """The client pod's query to the ClusterIP is answered, and by the node's CoreDNS (it counts it). Pod
+    Ready means CoreDNS serves; the agent puts the pods' rules in on its next successful probe round."""
+    if not cluster.node_cache_up():
+        return False
+    served = cluster.node_cache_requests()
+    return cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP and cluster.node_cache_requests() > served
+
+
 def test_manifest_after_the_documented_sed_rolls_out_ready_with_the_exec_liveness_probe(
     cluster: Cluster, installed: Path
 ) -> None:
@@ -147,10 +161,7 @@ def test_force_delete_of_the_agent_pod_under_load_falls_back_to_kube_dns(
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
     second = agent_pod(cluster)
     assert second["metadata"]["name"] != first  # type: ignore[index]
-    cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
-    served = cluster.node_cache_requests()
-    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
-    assert cluster.node_cache_requests() > served
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the new pod does not serve"
 
 
 def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
@@ -174,7 +185,7 @@ def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
     with capsys.disabled():
         summary = {k: results[1][k] for k in ("sent", "answered", "failed", "longest_gap")}
         print(f"\n[{cluster.proxy_mode}] rolling update, link-local path at 200 qps: {summary}")
-    assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the new pod does not serve"
     assert second["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
 
 
@@ -244,6 +255,86 @@ def test_the_api_source_answers_a_stub_domain_added_with_kubectl_edit_within_a_s
             f"\n[{cluster.proxy_mode}] stub domain via the API source: answered {elapsed:.2f}s after the edit"
         )
     assert elapsed < 2.0  # about a second; kubectl edit's own round trip is in it
+
+
+def container_status(cluster: Cluster) -> dict[str, Any]:
+    statuses = agent_pod(cluster)["status"].get("containerStatuses") or [{}]  # type: ignore[attr-defined]
+    status: dict[str, Any] = statuses[0]
+    return status
+
+
+def test_a_memory_limit_too_small_is_reported_oomkilled_while_pods_keep_resolving(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    daemonset = cluster.get("daemonset", "node-local-dns")
+    resources = daemonset["spec"]["template"]["spec"]["containers"][0]["resources"]
+    duration = 20.0
+    load = cluster.start_load(rate=500, duration=duration, names=SERVICE)
+    time.sleep(1)
+    cluster.kubectl("-n", "kube-system", "set", "resources", "daemonset/node-local-dns", "-c", "node-cache",
+                    f"--limits=memory={OOM_LIMIT}", f"--requests=memory={OOM_LIMIT}")  # fmt: skip
+
+    def oom_killed() -> bool:
+        with contextlib.suppress(AssertionError, KeyError, TypeError):
+            status = container_status(cluster)
+            return any(
+                status.get(key, {}).get("terminated", {}).get("reason") == "OOMKilled"
+                for key in ("state", "lastState")
+            )
+        return False
+
+    reported = poll(oom_killed, 60, every=1)
+    result = json.loads(load.communicate(timeout=duration + 30)[0])
+    with capsys.disabled():
+        summary = {k: result[k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] limit {OOM_LIMIT}: OOMKilled {bool(reported)}, ClusterIP: {summary}")
+    assert reported, container_status(cluster)
+    assert result["failed"] == 0, result  # kube-dns answered while the agent could not run
+    # Back without the limit: the pod serves again.
+    restore = [{"op": "replace", "path": "/spec/template/spec/containers/0/resources", "value": resources}]
+    cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p",
+                    json.dumps(restore))  # fmt: skip
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the pod does not serve again"
+
+
+def test_a_stopped_agent_fails_its_liveness_probe_and_is_restarted_while_dns_falls_back(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5)
+    pod = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
+    restarts = container_status(cluster)["restartCount"]
+    failed_probes = probe_results(cluster, "Liveness").get("failed", 0)
+    # The container's first process stays PID 1 (it reaps and forwards signals); the agent is its child.
+    init = cluster.pod_pid("kube-system", pod, container="node-cache")
+    (agent,) = map(int, Path(f"/proc/{init}/task/{init}/children").read_text().split())
+    assert b"agent" in Path(f"/proc/{agent}/cmdline").read_bytes()
+    # The manifest's probe: --check-max-age 10 s, every 10 s, 3 failures; then the 20 s grace period.
+    duration = 80.0
+    load = cluster.start_load(rate=200, duration=duration, names=SERVICE)
+    time.sleep(1)
+    stopped = time.monotonic()
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        restarted = poll(lambda: container_status(cluster).get("restartCount", 0) > restarts, 78, every=1)
+        elapsed = time.monotonic() - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(agent, signal.SIGCONT)
+    result = json.loads(load.communicate(timeout=duration + 30)[0])
+    with capsys.disabled():
+        summary = {k: result[k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] SIGSTOP of the agent: restart after {elapsed:.0f}s; load {summary}")
+    assert restarted, container_status(cluster)
+    assert probe_results(cluster, "Liveness").get("failed", 0) >= failed_probes + 3
+    # CoreDNS served while the agent was stopped; the container's kill stopped it, and the kernel gate sent
+    # the queries to kube-dns: at most those in flight are lost.
+    failures = [float(t) for t in result["failure_times"]]  # type: ignore[attr-defined]
+    assert int(result["failed"]) <= 50, result  # type: ignore[call-overload]
+    assert not failures or max(failures) - min(failures) < 0.25, result
+    assert poll(lambda: answered_by_node_cache(cluster), 20, every=0.5), "the restarted agent does not serve"
 
 
 def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
