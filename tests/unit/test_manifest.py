@@ -173,8 +173,12 @@ def test_the_configmap_corefile_is_upstreams_and_node_cache_can_run_it(
 
 
 def test_upgrades_surge_so_that_no_node_is_without_dns(deployed: dict[str, dict[str, Any]]) -> None:
-    strategy = deployed["DaemonSet/node-local-dns"]["spec"]["updateStrategy"]
-    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    spec = deployed["DaemonSet/node-local-dns"]["spec"]
+    assert spec["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": "10%", "maxUnavailable": 0},
+    }
+    assert spec["minReadySeconds"] >= 5  # the old pod's CoreDNS answers the new pod's readiness probe too
     assert "ports" not in container(
         deployed
     )  # with hostNetwork they would be host ports, blocking the surge pod
