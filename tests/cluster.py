@@ -422,7 +422,8 @@ class Cluster(sb.Run):
         """The node's packet filter as sorted lines (kube-proxy writes rules in map order, not a fixed one):
         the saves of iptables-legacy and iptables-nft, and every other nftables table (kube-proxy's in
         nftables mode) listed by nft. A table with no rule and only built-in chains that accept is left out:
-        iptables creates one on first use and never removes it (an empty ``raw`` table does nothing)."""
+        iptables creates one on first use and never removes it (an empty ``raw`` table does nothing); so is
+        an empty nftables chain."""
         lines: list[str] = []
         for tool in (
             "iptables-legacy-save",
@@ -444,6 +445,9 @@ class Cluster(sb.Run):
             if family in ("ip", "ip6") and name in IPTABLES_TABLES:
                 continue  # iptables-nft's, in its save above
             text = self.node_exec(["nft", "-s", "list", "table", family, name], mount=False)
+            # kube-proxy's nftables mode flushes a removed Service's chain at once and deletes it in a later
+            # full sync (up to half a minute): an empty chain does nothing, so it is left out.
+            text = re.sub(r"\n\s*chain [^\n]* \{\s*\}", "", text)
             lines += [f"nft {family} {name} {line.strip()}" for line in text.splitlines() if line.strip()]
         return "\n".join(sorted(lines))
 

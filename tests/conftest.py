@@ -93,16 +93,11 @@ def node_sandbox(flavour: sb.Flavour) -> Iterator[sb.Sandbox]:
         yield box
 
 
-@pytest.fixture(scope="session")
-def iptables_cluster() -> Iterator[Cluster]:
-    """One real single-node cluster (kube-proxy in iptables mode) for every cluster test of the session."""
-    yield from _cluster("iptables")
-
-
-@pytest.fixture(scope="session")
-def nftables_cluster() -> Iterator[Cluster]:
-    """The same with kube-proxy in nftables mode."""
-    yield from _cluster("nftables")
+@pytest.fixture(scope="session", params=["iptables", "nftables"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A real single-node cluster (tests/cluster.py) per kube-proxy mode, started once for every cluster test
+    of the session: the tests run on one mode's cluster, which is removed before the other's starts."""
+    yield from _cluster(request.param)
 
 
 def _cluster(mode: ProxyMode) -> Iterator[Cluster]:

@@ -11,6 +11,7 @@ share one install and run in file order (the last one removes it).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -33,13 +34,6 @@ AGENT = "k8s-app=node-local-dns"
 OOM_LIMIT = "32Mi"  # below what the agent needs to start (about 40 MB), so the OOM killer takes it
 # The first test also starts the session's cluster (about 20 s on an idle machine; more when it is shared).
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module", params=["iptables", "nftables"])
-def cluster(request: pytest.FixtureRequest) -> Cluster:
-    """The session's cluster of each kube-proxy mode; the tests run on one mode, then on the other."""
-    result: Cluster = request.getfixturevalue(f"{request.param}_cluster")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +335,15 @@ def test_a_stopped_agent_fails_its_liveness_probe_and_is_restarted_while_dns_fal
     assert poll(lambda: answered_by_node_cache(cluster), 20, every=0.5), "the restarted agent does not serve"
 
 
+def assert_node_as_before(cluster: Cluster, before: dict[str, str]) -> None:
+    """The node's tables (within 30 s: kube-proxy syncs the removed Services) and addresses as ``before``."""
+    if not poll(lambda: cluster.normalized_tables() == before["tables"], 30, every=1):
+        diff = difflib.unified_diff(before["tables"].splitlines(), cluster.normalized_tables().splitlines(),
+                                    "before", "after", lineterm="")  # fmt: skip
+        raise AssertionError("the node's tables differ:\n" + "\n".join(diff))
+    assert cluster.links().splitlines() == before["links"].splitlines()
+
+
 def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
     cluster: Cluster, installed: Path, before_install: dict[str, str]
 ) -> None:
@@ -349,12 +352,28 @@ def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
     assert "NodeLocal DNS" in installed_tables  # the agent's rules, tagged
     cluster.kubectl("delete", "-f", str(installed), "--wait=true", timeout=90)
     cluster.wait_gone("kube-system", AGENT)
-    if not poll(lambda: cluster.normalized_tables() == before_install["tables"], 30, every=1):
-        import difflib
-
-        diff = difflib.unified_diff(
-            before_install["tables"].splitlines(), cluster.normalized_tables().splitlines(), lineterm=""
-        )
-        raise AssertionError("tables differ after delete:\n" + "\n".join(diff))
-    assert cluster.links().splitlines() == before_install["links"].splitlines()
+    assert_node_as_before(cluster, before_install)
     assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP  # kube-dns answers the pods again
+
+
+def test_the_helm_chart_with_the_same_values_serves_and_its_uninstall_leaves_the_tables_as_before(
+    cluster: Cluster, before_install: dict[str, str]
+) -> None:
+    # After the manifest's uninstall (the test before): the chart as the README installs it.
+    assert cluster.normalized_tables() == before_install["tables"]
+    kubedns = cluster.kubectl(
+        "get", "svc", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.spec.clusterIP}"
+    )
+    chart = str(manifests.REPO / "chart")
+    cluster.cp.helm("install", "node-local-dns", chart, "-n", "kube-system", "--set", f"kubeDNS.ip={kubedns}")
+    try:
+        cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+        assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the chart's pod does not serve"
+        cluster.node_exec(["conntrack", "-F"], mount=False, check=False)
+        assert cluster.dig(KUBE_DNS_IP, SERVICE) == SERVICE_IP
+        assert "dport=53" not in cluster.conntrack("-p", "udp", "--orig-dst", KUBE_DNS_IP)
+        assert container_status(cluster)["restartCount"] == 0
+    finally:
+        cluster.cp.helm("uninstall", "node-local-dns", "-n", "kube-system", "--wait")
+    cluster.wait_gone("kube-system", AGENT)
+    assert_node_as_before(cluster, before_install)
