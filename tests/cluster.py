@@ -17,7 +17,7 @@ What runs, and where (every name carries the sandbox prefix ``nldsb-<run>-``, so
   the ``ptp`` CNI plugin: every packet between pods is routed by the node, as on a node whose pods sit behind
   a routed interface.
 - images: the pause image (Debian's catatonit), the agent's image, CoreDNS's, moved from the project's podman
-  storage into containerd (``podman save`` cached under /var/cache/node-local-dns-agent/cluster-images).
+  storage into containerd (``podman save``; pause and CoreDNS cached under :data:`IMAGE_CACHE`).
 - cluster DNS: the real thing, a CoreDNS Deployment ``kube-dns`` with the ``kubernetes`` plugin and its RBAC,
   the Service ``kube-dns`` at 10.96.0.10 (the kubelet's ``clusterDNS``), and ``upstream-dns`` at 10.96.0.53
   (the nameserver of pods with ``dnsPolicy: Default``, the node-local cache's upstream): the same pods answer
@@ -646,29 +646,33 @@ class Cluster(sb.Run):
         ])  # fmt: skip
 
     def _import_images(self) -> None:
-        """The pause, agent and CoreDNS images from podman into containerd, under the names pods use."""
+        """The pause, agent and CoreDNS images from podman into containerd, under the names pods use. The
+        archives of the two that rarely change are cached; the agent's, rebuilt with every change to the
+        agent, is saved into the work dir."""
         from tests.agentcontainer import ensure_image
 
         ensure_image()  # the working tree's image (built only when its build context changed)
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
-        for source, names in (
-            (pause_image(), [pause_image()]),
-            (f"localhost/{AGENT_IMAGE}", [f"docker.io/library/{AGENT_IMAGE}"]),
-            (COREDNS_IMAGE, [COREDNS_IMAGE]),
+        cached: set[Path] = set()
+        for source, name, keep in (
+            (pause_image(), pause_image(), True),
+            (f"localhost/{AGENT_IMAGE}", f"docker.io/library/{AGENT_IMAGE}", False),
+            (COREDNS_IMAGE, COREDNS_IMAGE, True),
         ):
             image_id = podman("image", "inspect", "--format", "{{.Id}}", source).strip()
-            tar = IMAGE_CACHE / f"{image_id[:16]}.tar"
+            tar = IMAGE_CACHE / f"{image_id[:16]}.tar" if keep else self.workdir / "agent-image.tar"
             if not tar.exists():
-                tmp = tar.with_suffix(".tmp")
-                tmp.unlink(missing_ok=True)
+                tmp = tar.with_suffix(f".{self.run_id}.tmp")
                 podman("save", "--format", "docker-archive", "-o", str(tmp), source)
                 tmp.rename(tar)
+            if keep:
+                tar.touch()
+                cached.add(tar)
             self.ctr("images", "import", str(tar), timeout=300)
-            for name in names:
-                if name != source:
-                    self.ctr("images", "tag", "--force", source, name)
-        for old in IMAGE_CACHE.glob("*.tar"):  # images since rebuilt: their archives go
-            if time.time() - old.stat().st_mtime > 7 * 86400:
+            if name != source:
+                self.ctr("images", "tag", "--force", source, name)
+        for old in IMAGE_CACHE.iterdir():  # archives of images since rebuilt (unused for a day) go
+            if old not in cached and time.time() - old.stat().st_mtime > 86400:
                 old.unlink(missing_ok=True)
 
     def _install_cluster_dns(self) -> None:
