@@ -34,6 +34,7 @@ leaves ``nf_conntrack_max`` and the timeouts alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -41,6 +42,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,43 @@ for arg in "$@"; do
 done
 exec runc "$@"
 """
+
+
+SYSCTL_RECORD = Path("/run/node-local-dns-agent/cluster-sysctls.json")
+
+
+def host_sysctls() -> dict[str, str]:
+    """The host-wide sysctls the kubelet changes, as they are now."""
+    return {key: Path("/proc/sys", key).read_text().strip() for key in HOST_SYSCTLS}
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        path = Path("/proc/sys", key)
+        if path.read_text().strip() != value:
+            path.write_text(value)
+
+
+@contextlib.contextmanager
+def _sysctl_record() -> Iterator[dict[str, Any]]:
+    """The machine-wide record (under a lock): the original values and the clusters running now. A run
+    whose work dir is gone (it crashed, and the leak check removed what it left) no longer counts."""
+    SYSCTL_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    with open(SYSCTL_RECORD.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record: dict[str, Any] = {"original": {}, "runs": []}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            record = json.loads(SYSCTL_RECORD.read_text())
+        tmp = Path(tempfile.gettempdir())
+        live = [r for r in record["runs"] if any(tmp.glob(f"{sb.PREFIX}-{r}-*"))]
+        if record["runs"] and not live:  # every cluster that recorded them is gone: put them back
+            _write_sysctls(record["original"])
+        record["runs"] = live
+        yield record
+        if record["runs"]:
+            SYSCTL_RECORD.write_text(json.dumps(record))
+        else:
+            SYSCTL_RECORD.unlink(missing_ok=True)
 
 
 class ClusterError(RuntimeError):
@@ -292,22 +331,28 @@ class Cluster(sb.Run):
             raise ClusterError("; ".join(errors))
 
     def _record_sysctls(self) -> None:
-        for key in HOST_SYSCTLS:
-            self._sysctls[key] = Path("/proc/sys", key).read_text().strip()
+        """Join the machine-wide record of the sysctls as they were before any cluster ran (made by the first
+        of concurrent clusters: a later one starts after the first kubelet changed them)."""
+        with _sysctl_record() as record:
+            if not record["runs"]:
+                record["original"] = host_sysctls()
+            record["runs"].append(self.run_id)
+            self._sysctls = dict(record["original"])
 
     def _restore_sysctls(self) -> None:
-        for key, value in self._sysctls.items():
-            path = Path("/proc/sys", key)
-            if path.read_text().strip() != value:
-                path.write_text(value)
+        """Leave the record; the last cluster to go writes the original values back."""
+        if not self._sysctls:
+            return
+        with _sysctl_record() as record:
+            if self.run_id in record["runs"]:
+                record["runs"].remove(self.run_id)
+            if not record["runs"]:
+                _write_sysctls(record["original"])
 
-    def host_sysctls(self) -> dict[str, str]:
-        """The host-wide sysctls the kubelet changes, as they are now."""
-        return {key: Path("/proc/sys", key).read_text().strip() for key in HOST_SYSCTLS}
-
-    @property
-    def recorded_sysctls(self) -> dict[str, str]:
-        return dict(self._sysctls)
+    def sysctls_restored(self) -> bool:
+        """The host-wide sysctls are as before any cluster ran (or another cluster still runs)."""
+        with _sysctl_record() as record:
+            return bool(record["runs"]) or host_sysctls() == self._sysctls
 
     def _make_cgroups(self) -> None:
         """The kubelet's cgroupRoot in every hierarchy (cpuset's needs its parent's CPUs and memory nodes)."""
