@@ -105,14 +105,17 @@ exec runc "$@"
 SYSCTL_RECORD = Path("/run/node-local-dns-agent/cluster-sysctls.json")
 
 
+SYSCTL_ROOT = Path("/proc/sys")
+
+
 def host_sysctls() -> dict[str, str]:
     """The host-wide sysctls the kubelet changes, as they are now."""
-    return {key: Path("/proc/sys", key).read_text().strip() for key in HOST_SYSCTLS}
+    return {key: (SYSCTL_ROOT / key).read_text().strip() for key in HOST_SYSCTLS}
 
 
 def _write_sysctls(values: dict[str, str]) -> None:
     for key, value in values.items():
-        path = Path("/proc/sys", key)
+        path = SYSCTL_ROOT / key
         if path.read_text().strip() != value:
             path.write_text(value)
 
@@ -137,6 +140,25 @@ def _sysctl_record() -> Iterator[dict[str, Any]]:
             SYSCTL_RECORD.write_text(json.dumps(record))
         else:
             SYSCTL_RECORD.unlink(missing_ok=True)
+
+
+def join_sysctl_record(run_id: str) -> dict[str, str]:
+    """Join the machine-wide record of the sysctls as they were before any cluster ran (made by the first of
+    concurrent clusters: a later one starts after the first kubelet changed them); returns those values."""
+    with _sysctl_record() as record:
+        if not record["runs"]:
+            record["original"] = host_sysctls()
+        record["runs"].append(run_id)
+        return dict(record["original"])
+
+
+def leave_sysctl_record(run_id: str) -> None:
+    """Leave the record; the last cluster to go writes the original values back."""
+    with _sysctl_record() as record:
+        if run_id in record["runs"]:
+            record["runs"].remove(run_id)
+        if not record["runs"]:
+            _write_sysctls(record["original"])
 
 
 class ClusterError(RuntimeError):
@@ -331,23 +353,11 @@ class Cluster(sb.Run):
             raise ClusterError("; ".join(errors))
 
     def _record_sysctls(self) -> None:
-        """Join the machine-wide record of the sysctls as they were before any cluster ran (made by the first
-        of concurrent clusters: a later one starts after the first kubelet changed them)."""
-        with _sysctl_record() as record:
-            if not record["runs"]:
-                record["original"] = host_sysctls()
-            record["runs"].append(self.run_id)
-            self._sysctls = dict(record["original"])
+        self._sysctls = join_sysctl_record(self.run_id)
 
     def _restore_sysctls(self) -> None:
-        """Leave the record; the last cluster to go writes the original values back."""
-        if not self._sysctls:
-            return
-        with _sysctl_record() as record:
-            if self.run_id in record["runs"]:
-                record["runs"].remove(self.run_id)
-            if not record["runs"]:
-                _write_sysctls(record["original"])
+        if self._sysctls:
+            leave_sysctl_record(self.run_id)
 
     def sysctls_restored(self) -> bool:
         """The host-wide sysctls are as before any cluster ran (or another cluster still runs)."""
