@@ -17,7 +17,7 @@ What runs, and where (every name carries the sandbox prefix ``nldsb-<run>-``, so
   the ``ptp`` CNI plugin: every packet between pods is routed by the node, as on a node whose pods sit behind
   a routed interface.
 - images: the pause image (Debian's catatonit), the agent's image, CoreDNS's, moved from the project's podman
-  storage into containerd (``podman save`` cached under /var/cache/node-local-dns-agent/cluster-images).
+  storage into containerd (``podman save``; pause and CoreDNS cached under :data:`IMAGE_CACHE`).
 - cluster DNS: the real thing, a CoreDNS Deployment ``kube-dns`` with the ``kubernetes`` plugin and its RBAC,
   the Service ``kube-dns`` at 10.96.0.10 (the kubelet's ``clusterDNS``), and ``upstream-dns`` at 10.96.0.53
   (the nameserver of pods with ``dnsPolicy: Default``, the node-local cache's upstream): the same pods answer
@@ -34,6 +34,7 @@ leaves ``nf_conntrack_max`` and the timeouts alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -41,6 +42,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,65 @@ for arg in "$@"; do
 done
 exec runc "$@"
 """
+
+
+SYSCTL_RECORD = Path("/run/node-local-dns-agent/cluster-sysctls.json")
+
+
+SYSCTL_ROOT = Path("/proc/sys")
+
+
+def host_sysctls() -> dict[str, str]:
+    """The host-wide sysctls the kubelet changes, as they are now."""
+    return {key: (SYSCTL_ROOT / key).read_text().strip() for key in HOST_SYSCTLS}
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        path = SYSCTL_ROOT / key
+        if path.read_text().strip() != value:
+            path.write_text(value)
+
+
+@contextlib.contextmanager
+def _sysctl_record() -> Iterator[dict[str, Any]]:
+    """The machine-wide record (under a lock): the original values and the clusters running now. A run
+    whose work dir is gone (it crashed, and the leak check removed what it left) no longer counts."""
+    SYSCTL_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    with open(SYSCTL_RECORD.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record: dict[str, Any] = {"original": {}, "runs": []}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            record = json.loads(SYSCTL_RECORD.read_text())
+        tmp = Path(tempfile.gettempdir())
+        live = [r for r in record["runs"] if any(tmp.glob(f"{sb.PREFIX}-{r}-*"))]
+        if record["runs"] and not live:  # every cluster that recorded them is gone: put them back
+            _write_sysctls(record["original"])
+        record["runs"] = live
+        yield record
+        if record["runs"]:
+            SYSCTL_RECORD.write_text(json.dumps(record))
+        else:
+            SYSCTL_RECORD.unlink(missing_ok=True)
+
+
+def join_sysctl_record(run_id: str) -> dict[str, str]:
+    """Join the machine-wide record of the sysctls as they were before any cluster ran (made by the first of
+    concurrent clusters: a later one starts after the first kubelet changed them); returns those values."""
+    with _sysctl_record() as record:
+        if not record["runs"]:
+            record["original"] = host_sysctls()
+        record["runs"].append(run_id)
+        return dict(record["original"])
+
+
+def leave_sysctl_record(run_id: str) -> None:
+    """Leave the record; the last cluster to go writes the original values back."""
+    with _sysctl_record() as record:
+        if run_id in record["runs"]:
+            record["runs"].remove(run_id)
+        if not record["runs"]:
+            _write_sysctls(record["original"])
 
 
 class ClusterError(RuntimeError):
@@ -292,22 +353,16 @@ class Cluster(sb.Run):
             raise ClusterError("; ".join(errors))
 
     def _record_sysctls(self) -> None:
-        for key in HOST_SYSCTLS:
-            self._sysctls[key] = Path("/proc/sys", key).read_text().strip()
+        self._sysctls = join_sysctl_record(self.run_id)
 
     def _restore_sysctls(self) -> None:
-        for key, value in self._sysctls.items():
-            path = Path("/proc/sys", key)
-            if path.read_text().strip() != value:
-                path.write_text(value)
+        if self._sysctls:
+            leave_sysctl_record(self.run_id)
 
-    def host_sysctls(self) -> dict[str, str]:
-        """The host-wide sysctls the kubelet changes, as they are now."""
-        return {key: Path("/proc/sys", key).read_text().strip() for key in HOST_SYSCTLS}
-
-    @property
-    def recorded_sysctls(self) -> dict[str, str]:
-        return dict(self._sysctls)
+    def sysctls_restored(self) -> bool:
+        """The host-wide sysctls are as before any cluster ran (or another cluster still runs)."""
+        with _sysctl_record() as record:
+            return bool(record["runs"]) or host_sysctls() == self._sysctls
 
     def _make_cgroups(self) -> None:
         """The kubelet's cgroupRoot in every hierarchy (cpuset's needs its parent's CPUs and memory nodes)."""
@@ -646,29 +701,33 @@ class Cluster(sb.Run):
         ])  # fmt: skip
 
     def _import_images(self) -> None:
-        """The pause, agent and CoreDNS images from podman into containerd, under the names pods use."""
+        """The pause, agent and CoreDNS images from podman into containerd, under the names pods use. The
+        archives of the two that rarely change are cached; the agent's, rebuilt with every change to the
+        agent, is saved into the work dir."""
         from tests.agentcontainer import ensure_image
 
         ensure_image()  # the working tree's image (built only when its build context changed)
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
-        for source, names in (
-            (pause_image(), [pause_image()]),
-            (f"localhost/{AGENT_IMAGE}", [f"docker.io/library/{AGENT_IMAGE}"]),
-            (COREDNS_IMAGE, [COREDNS_IMAGE]),
+        cached: set[Path] = set()
+        for source, name, keep in (
+            (pause_image(), pause_image(), True),
+            (f"localhost/{AGENT_IMAGE}", f"docker.io/library/{AGENT_IMAGE}", False),
+            (COREDNS_IMAGE, COREDNS_IMAGE, True),
         ):
             image_id = podman("image", "inspect", "--format", "{{.Id}}", source).strip()
-            tar = IMAGE_CACHE / f"{image_id[:16]}.tar"
+            tar = IMAGE_CACHE / f"{image_id[:16]}.tar" if keep else self.workdir / "agent-image.tar"
             if not tar.exists():
-                tmp = tar.with_suffix(".tmp")
-                tmp.unlink(missing_ok=True)
+                tmp = tar.with_suffix(f".{self.run_id}.tmp")
                 podman("save", "--format", "docker-archive", "-o", str(tmp), source)
                 tmp.rename(tar)
+            if keep:
+                tar.touch()
+                cached.add(tar)
             self.ctr("images", "import", str(tar), timeout=300)
-            for name in names:
-                if name != source:
-                    self.ctr("images", "tag", "--force", source, name)
-        for old in IMAGE_CACHE.glob("*.tar"):  # images since rebuilt: their archives go
-            if time.time() - old.stat().st_mtime > 7 * 86400:
+            if name != source:
+                self.ctr("images", "tag", "--force", source, name)
+        for old in IMAGE_CACHE.iterdir():  # archives of images since rebuilt (unused for a day) go
+            if old not in cached and time.time() - old.stat().st_mtime > 86400:
                 old.unlink(missing_ok=True)
 
     def _install_cluster_dns(self) -> None:
