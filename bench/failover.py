@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.node import KINDS, SERVICE, Kind, Node
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, own_files
 
 # The kubelet notices a dead container at its next PLEG relist (every 1 s) and restarts it at once the first
 # time (CrashLoopBackOff delays only later restarts: 10 s, doubling to 5 min). Container start-up itself is
@@ -139,10 +139,8 @@ def _surge_upgrade(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPl
     if kind == "node_cache":
         return _rolling_restart(node, kind, agent, plan)
     began = time.monotonic()
-    box = node.box
     # Its own Corefile and pidfile, as each pod has; the agents lock is the sandbox's, shared.
-    node.start_agent(kind, extra=["-conf", str(box.workdir / "Corefile.surge"),
-                                  "-pidfile", str(box.workdir / "coredns.surge.pid")])  # fmt: skip
+    node.start_agent(kind, extra=own_files(node.box, "surge"))
     serving = time.monotonic()
     agent.stop()
     return {"new_agent_serving_after_s": round(serving - began, 3),

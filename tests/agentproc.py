@@ -39,6 +39,31 @@ def local_answers(box: sb.Sandbox) -> bool:
     return answer == SERVICE_IP and not tracked
 
 
+def our_rules(box: sb.Sandbox) -> list[str]:
+    """The agent's tagged rules in the node, in both backends and both families, sorted."""
+    return sorted(
+        line
+        for flavour in ("legacy", "nft")
+        for family in (4, 6)
+        for line in box.save_rules(family, flavour).splitlines()  # type: ignore[arg-type]
+        if "NodeLocal DNS agent" in line
+    )
+
+
+def interface_exists(box: sb.Sandbox) -> bool:
+    return "nodelocaldns" in box.exec(box.node, ["ip", "-o", "link", "show"])
+
+
+def own_files(box: sb.Sandbox, name: str) -> list[str]:
+    """The flags that give a second agent its own Corefile and pidfile, as each pod has (later flags win)."""
+    return [
+        "-conf",
+        str(box.workdir / f"Corefile.{name}"),
+        "-pidfile",
+        str(box.workdir / f"coredns.{name}.pid"),
+    ]
+
+
 def http_status(box: sb.Sandbox, url: str) -> str:
     """GET ``url`` from the node namespace (as the kubelet's httpGet probes do): "200 OK", or "error …"."""
     code = (

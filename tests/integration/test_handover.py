@@ -16,33 +16,10 @@ import time
 import pytest
 
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess, Load, local_answers
+from tests.agentproc import AgentProcess, Load, interface_exists, local_answers, our_rules, own_files
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP
 
 RATE, DURATION = 1000, 9.0
-
-
-def our_rules(box: sb.Sandbox) -> list[str]:
-    return sorted(
-        line
-        for family in (4, 6)
-        for line in box.save_rules(family).splitlines()
-        if "NodeLocal DNS agent" in line
-    )
-
-
-def interface_exists(box: sb.Sandbox) -> bool:
-    return "nodelocaldns" in box.exec(box.node, ["ip", "-o", "link", "show"])
-
-
-def own_files(box: sb.Sandbox, name: str) -> list[str]:
-    """The flags that give an agent its own Corefile and pidfile (later flags win)."""
-    return [
-        "-conf",
-        str(box.workdir / f"Corefile.{name}"),
-        "-pidfile",
-        str(box.workdir / f"coredns.{name}.pid"),
-    ]
 
 
 def slow_coredns(box: sb.Sandbox) -> list[str]:

@@ -20,7 +20,16 @@ import pytest
 
 from tests import sandbox as sb
 from tests.agentcontainer import PODMAN, AgentContainer, ensure_image, podman, podman_unavailable
-from tests.agentproc import SERVICE, SERVICE_IP, Load, http_status, local_answers, query_path
+from tests.agentproc import (
+    SERVICE,
+    SERVICE_IP,
+    Load,
+    http_status,
+    interface_exists,
+    local_answers,
+    our_rules,
+    query_path,
+)
 from tests.configmapdir import publish
 from tests.sandbox import KUBE_DNS_IP, STUB_DOMAIN
 from tests.waiting import poll
@@ -68,17 +77,6 @@ def pod(box: sb.Sandbox) -> Iterator[AgentContainer]:
 def legacy_pod(legacy_box: sb.Sandbox) -> Iterator[AgentContainer]:
     """The DaemonSet's pod, serving, on an iptables-legacy node."""
     yield from serving(legacy_box)
-
-
-def our_rules(box: sb.Sandbox) -> list[str]:
-    """The agent's tagged rules in the node, in both backends and both families."""
-    return [
-        line
-        for flavour in ("legacy", "nft")
-        for family in (4, 6)
-        for line in box.save_rules(family, flavour).splitlines()  # type: ignore[arg-type]
-        if "NodeLocal DNS agent" in line
-    ]
 
 
 def proc_status(hpid: int) -> dict[str, str]:
@@ -195,21 +193,21 @@ def test_podman_stop_tears_down_and_exits_0_within_the_grace_period_losing_no_qu
 def test_a_surge_upgrade_of_the_pod_keeps_the_node_served(box: sb.Sandbox, pod: AgentContainer) -> None:
     """The DaemonSet's surge: the new pod starts next to the old one (the agents lock is a hostPath both
     mount), serves, then the old pod is stopped; pods querying the link-local address lose no query."""
-    installed = sorted(our_rules(box))
+    installed = our_rules(box)
     load = Load(box, rate=500, duration=8, server=sb.LOCAL_IP)
     time.sleep(1.0)
     with AgentContainer(box, name="surge") as new:
         new.wait_serving()
-        assert sorted(our_rules(box)) == installed
+        assert our_rules(box) == installed
         took = pod.stop()
         assert pod.state()["ExitCode"] == 0, pod.tail()
         assert took < pod.spec.grace_period, took
         result = load.result()
         assert result["failed"] <= 2, result  # what the old CoreDNS's socket had queued as it closed
         assert any(e.get("event") == "leaving the node to another agent" for e in pod.events()), pod.tail()
-        assert sorted(our_rules(box)) == installed and local_answers(box)
+        assert our_rules(box) == installed and local_answers(box)
         new.stop()
-    assert our_rules(box) == [] and "nodelocaldns" not in box.exec(box.node, ["ip", "-brief", "link"])
+    assert our_rules(box) == [] and not interface_exists(box)
 
 
 def test_podman_stop_while_the_nodes_xtables_lock_is_held_still_exits_0_in_time(
