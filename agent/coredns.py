@@ -19,6 +19,7 @@ from typing import BinaryIO, Literal
 
 import psutil
 
+from agent.children import rank_above_agent
 from agent.config import IPAddress
 from agent.events import ChildExited, ChildOutput, ChildStopped, Event
 from agent.logs import get_logger, write_stdout
@@ -38,20 +39,8 @@ _RELOAD_MARKERS = (b"SIGUSR1", b"Reloading", b"Restart failed")  # a cheap test 
 # 20 000 lines is 2 s of a 10k qps query log, a few MB.
 OUTPUT_BACKLOG_LINES = 20_000
 OutputFormat = Literal["plain", "json"]
-# The OOM killer picks the process with the highest score; CoreDNS's is raised this far above the agent's so
-# the agent survives to fail DNS over and restart it (where the container's cgroup is not killed as one).
-# Relative, not 1000: on a bare-metal node CoreDNS must not become the first victim of the whole node.
-OOM_SCORE_ADJ_ABOVE_AGENT = 500
 # After CoreDNS exits, how long its exit event waits for the rest of its output, in seconds.
 PUMP_DRAIN = 1.0
-
-
-def coredns_oom_score_adj() -> int:
-    try:
-        own = int(Path("/proc/self/oom_score_adj").read_text())
-    except (OSError, ValueError):
-        own = 0
-    return min(1000, own + OOM_SCORE_ADJ_ABOVE_AGENT)
 
 
 class CoreDnsStartError(RuntimeError):
@@ -65,16 +54,6 @@ def coredns_info(binary: str, flag: str) -> tuple[int, str]:
     except OSError as exc:
         return 1, f"coredns not available at {binary}: {exc.strerror}\n"
     return out.returncode, out.stdout
-
-
-def describe_returncode(returncode: int) -> str:
-    """Popen's returncode in words: "exited 1", "terminated by SIGKILL"."""
-    if returncode < 0:
-        try:
-            return f"terminated by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"terminated by signal {-returncode}"
-    return f"exited {returncode}"
 
 
 def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
@@ -215,9 +194,7 @@ class CoreDnsProcess:
             raise CoreDnsStartError(f"cannot run {self.argv[0]}: {exc.strerror}") from exc
         self.started_at = time.monotonic()
         pid = self._proc.pid
-        # Raising a score needs no privilege; the window before this write is a few microseconds.
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{pid}/oom_score_adj").write_text(str(coredns_oom_score_adj()))
+        rank_above_agent(pid)
         self._pump = threading.Thread(target=self._pump_output, name=f"coredns-{pid}-output", daemon=True)
         self._pump.start()
         threading.Thread(target=self._wait, name=f"coredns-{pid}-waiter", daemon=True).start()

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from agent.cgroup import Cgroup
+from agent.children import describe_returncode
 from agent.config import ConfigError, Settings
-from agent.coredns import RELOAD_DONE, CoreDnsProcess, CoreDnsStartError, describe_returncode
+from agent.coredns import RELOAD_DONE, CoreDnsProcess, CoreDnsStartError
 from agent.events import (
     ApiConfigMap,
     ChildExited,

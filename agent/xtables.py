@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from agent.children import describe_returncode, rank_above_agent
 from agent.rules import Family
 from agent.stopflag import Abort
 
@@ -101,6 +102,7 @@ def run_command(
         raise XtablesUnavailableError(f"cannot run {argv[0]}: not installed") from None
     except OSError as exc:
         raise PacketFilterError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    rank_above_agent(proc.pid)
     pending: str | None = input if input is not None else ""
     with proc:
         while True:
@@ -161,7 +163,8 @@ class Xtables:
         argv = [binary(self.mode, family, "-save"), "-t", table]
         res = self.run(argv, deadline=deadline)
         if res.returncode != 0:
-            raise PacketFilterError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+            how = describe_returncode(res.returncode)
+            raise PacketFilterError(f"{' '.join(argv)} {how}: {res.stderr.strip()}")
         return res.stdout
 
     def restore(
@@ -186,7 +189,7 @@ class Xtables:
         )
         if res.returncode == 0:
             return
-        message = f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}"
+        message = f"{' '.join(argv)} {describe_returncode(res.returncode)}: {res.stderr.strip()}"
         if res.returncode == _EXIT_RESOURCE_PROBLEM and "xtables lock" in res.stderr:
             raise XtablesLockError(f"{self.lock_file} held by another program for {wait}s ({message})")
         raise PacketFilterError(message)

@@ -133,3 +133,22 @@ def test_a_child_gets_its_input_and_returns_its_output() -> None:
     assert res == Result(0, "*raw\nCOMMIT\n", "")
     with pytest.raises(XtablesUnavailableError, match="not installed"):
         run_command(["/nonexistent/iptables-nft-save"])
+
+
+def test_a_child_ranks_above_the_agent_for_the_oom_killer() -> None:
+    # A cgroup at its limit right after CoreDNS was OOM-killed: the agent's iptables child, not the agent,
+    # is the next victim (its failure is retried; the agent's death would end the failover).
+    own = int(Path("/proc/self/oom_score_adj").read_text())
+    res = run_command(["sh", "-c", "sleep 0.2; cat /proc/self/oom_score_adj"], deadline=time.monotonic() + 5)
+    assert int(res.stdout) == min(1000, own + 500)
+
+
+def test_a_child_killed_by_a_signal_is_named_so(tmp_path: Path) -> None:
+    def killed(argv: Sequence[str], **_: object) -> Result:
+        return Result(-9, "", "")
+
+    xt = Xtables("legacy", tmp_path / "lock", lock_wait=1, run=killed)
+    with pytest.raises(PacketFilterError, match="legacy-restore --noflush -w 1 terminated by SIGKILL"):
+        xt.restore(4, "*raw\nCOMMIT\n")
+    with pytest.raises(PacketFilterError, match="iptables-nft-save -t raw terminated by SIGKILL"):
+        Xtables("nft", tmp_path / "lock", 1, run=killed).save(4, "raw")
