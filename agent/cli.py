@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     modes = p.add_mutually_exclusive_group()
     modes.add_argument("--check", action="store_true", help="liveness probe: exit 0 if the agent is alive")
+    modes.add_argument("--ready", action="store_true",
+                       help="readiness probe: exit 0 if this agent's CoreDNS serves the node")  # fmt: skip
     modes.add_argument("--teardown", action="store_true", help="remove the agent's rules and interface")
     modes.add_argument("--print-corefile", action="store_true", help="render the Corefile to stdout")
     modes.add_argument(*_flag("version"), dest="version", action="store_true",
@@ -187,7 +189,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-_MODES = {"check", "teardown", "print_corefile", "version", "plugins"}
+_MODES = {"check", "ready", "teardown", "print_corefile", "version", "plugins"}
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
@@ -201,10 +203,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns, settings = parse(sys.argv[1:] if argv is None else argv)
-    if ns.check:
+    if ns.check or ns.ready:
         from agent.check import check
 
-        return check(settings)
+        return check(settings, ready=ns.ready)
     if ns.version or ns.plugins:
         from agent.coredns import coredns_info
 

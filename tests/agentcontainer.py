@@ -27,7 +27,6 @@ from typing import Any
 
 from agent import __version__
 from tests import sandbox as sb
-from tests.agentproc import http_status
 from tests.configmapdir import publish
 from tests.unit.test_manifest import objects, run_sed
 from tests.waiting import poll
@@ -98,7 +97,7 @@ class PodSpec:
     mounts: dict[str, str]  # volume name -> mountPath
     grace_period: int
     liveness: list[str]
-    readiness_url: str
+    readiness: list[str]
     readiness_timeout: float
     liveness_timeout: float
     corefile: str
@@ -110,7 +109,6 @@ class PodSpec:
         [container] = pod["containers"]
         security = container["securityContext"]
         probe = container["readinessProbe"]
-        get = probe["httpGet"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["xtables-lock"]["hostPath"]["path"] == "/run/xtables.lock"
         assert volumes["agents-lock"]["hostPath"]["path"] == "/run/node-local-dns-agents.lock"
@@ -127,7 +125,7 @@ class PodSpec:
             mounts={m["name"]: m["mountPath"] for m in container["volumeMounts"]},
             grace_period=int(pod["terminationGracePeriodSeconds"]),
             liveness=list(container["livenessProbe"]["exec"]["command"]),
-            readiness_url=f"http://{get['host']}:{get['port']}{get['path']}",
+            readiness=list(probe["exec"]["command"]),
             readiness_timeout=float(probe["timeoutSeconds"]),
             liveness_timeout=float(container["livenessProbe"]["timeoutSeconds"]),
             corefile=objs["ConfigMap/node-local-dns"]["data"]["Corefile"],
@@ -229,8 +227,8 @@ class AgentContainer:
         return self.exec(*self.spec.liveness, timeout=self.spec.liveness_timeout)
 
     def ready(self) -> bool:
-        """The kubelet's httpGet readiness probe, from the node's network namespace."""
-        return http_status(self.box, self.spec.readiness_url) == "200 OK"
+        """The kubelet's exec readiness probe, bounded by its timeoutSeconds."""
+        return self.exec(*self.spec.readiness, timeout=self.spec.readiness_timeout).returncode == 0
 
     def wait_serving(self, timeout: float = 30) -> None:
         """Until the agent says it serves (CoreDNS answers on every local address and the rules are in)."""

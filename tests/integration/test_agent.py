@@ -174,9 +174,14 @@ def test_an_invalid_configmap_at_first_start_keeps_dns_on_kube_dns_until_it_is_f
         check = [sys.executable, "-m", "agent", "--check", "--status-file", str(agent.status_file)]
         alive = subprocess.run(check, capture_output=True, text=True, check=False)
         assert alive.returncode == 0 and "on the fallback path" in alive.stdout, alive
+        # Not ready, though: this agent does not serve the node (the readiness probe holds a rollout here).
+        ready = [sys.executable, "-m", "agent", "--ready", "--status-file", str(agent.status_file)]
+        unready = subprocess.run(ready, capture_output=True, text=True, check=False)
+        assert unready.returncode == 1 and "not serving: coredns backoff" in unready.stderr, unready
         agent.write_kubedns({"upstreamNameservers": '["10.0.0.1"]'})
         agent.wait_serving(timeout=10)
         assert local_answers(box)
+        assert subprocess.run(ready, capture_output=True, check=False).returncode == 0
 
 
 def test_a_missing_coredns_binary_is_named_and_dns_stays_on_kube_dns(box: sb.Sandbox) -> None:

@@ -136,7 +136,7 @@ def test_an_ipv6_local_address_is_bracketed_before_a_port() -> None:
     assert "health [fd00::10]:8080" in corefile  # `ready` is not in the ConfigMap: the agent adds it
     assert "8181" not in corefile
     assert "bind fd00::10 fd00:96::a" in corefile
-    assert container(rendered)["readinessProbe"]["httpGet"]["host"] == "fd00::10"
+    assert container(rendered)["args"][1] == "fd00::10,fd00:96::a"
 
 
 @pytest.mark.parametrize(

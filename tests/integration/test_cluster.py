@@ -66,8 +66,15 @@ def installed(cluster: Cluster, manifest: Path) -> Iterator[Path]:
     cluster.wait_gone("kube-system", AGENT)
 
 
+def agent_pods(cluster: Cluster) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = json.loads(
+        cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "json")
+    )["items"]
+    return pods
+
+
 def agent_pod(cluster: Cluster) -> dict[str, object]:
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "json"))["items"]
+    pods = agent_pods(cluster)
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     pod: dict[str, object] = pods[0]
     return pod
@@ -187,6 +194,50 @@ def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
     assert second["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
 
 
+def pod_ready(pod: dict[str, Any]) -> bool:
+    return {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}.get("Ready") == "True"
+
+
+def test_a_new_version_that_never_serves_is_never_ready_and_the_rollout_waits_for_an_undo(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken new version: its agent runs, its CoreDNS never serves. The old pod's CoreDNS answers /ready
+    on the port both share, so only the exec readiness probe (``agent --ready``) keeps the broken pod from
+    being taken for Ready and replacing the working one."""
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
+    duration = 35.0
+    link_local = cluster.start_load(rate=200, duration=duration, names=SERVICE, server=LOCAL_IP)
+    time.sleep(1)
+    broken = [
+        {
+            "op": "add",
+            "path": "/spec/template/spec/containers/0/args/-",
+            "value": "--coredns-binary=/bin/false",
+        }
+    ]
+    cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p",
+                    json.dumps(broken))  # fmt: skip
+    assert poll(lambda: len(agent_pods(cluster)) == 2, 60, every=1), "no surge pod"
+    # Well past what the old probe needed to take it for Ready (at once) and minReadySeconds (5 s), and past
+    # two periods of the exec probe.
+    time.sleep(25)
+    pods = {p["metadata"]["name"]: p for p in agent_pods(cluster)}
+    assert first in pods, "the working pod was replaced by one that never serves"
+    assert pod_ready(pods[first])
+    [new] = [p for name, p in pods.items() if name != first]
+    assert not pod_ready(new), new["status"]
+    result = json.loads(link_local.communicate(timeout=duration + 30)[0])
+    with capsys.disabled():
+        summary = {k: result[k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] a broken new version, link-local at 200 qps: {summary}")
+    assert result["failed"] == 0, result  # the old pod kept serving the address no kube-dns stands behind
+    cluster.kubectl("-n", "kube-system", "rollout", "undo", "daemonset/node-local-dns")
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(lambda: [p["metadata"]["name"] for p in agent_pods(cluster)] == [first], 60, every=1)
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the old pod does not serve"
+
+
 def stub_domains(*zones: str) -> str:
     return json.dumps({zone: [STUB_DNS_IP] for zone in zones})
 
@@ -276,12 +327,9 @@ def test_a_memory_limit_too_small_is_reported_oomkilled_while_pods_keep_resolvin
     # The update surges: the new pod, with the limit, runs next to the old one, which keeps serving (a new
     # version that cannot run never replaces a working one); the kubelet reports the new one OOMKilled.
     def limited_statuses() -> list[dict[str, Any]]:
-        pods = json.loads(cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "json"))[
-            "items"
-        ]
         return [
             status
-            for pod in pods
+            for pod in agent_pods(cluster)
             if pod["spec"]["containers"][0].get("resources", {}).get("limits", {}).get("memory") == OOM_LIMIT
             for status in pod["status"].get("containerStatuses") or []
         ]
@@ -306,17 +354,7 @@ def test_a_memory_limit_too_small_is_reported_oomkilled_while_pods_keep_resolvin
                     json.dumps(restore))  # fmt: skip
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
 
-    def one_pod() -> bool:
-        return (
-            len(
-                json.loads(cluster.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT, "-o", "json"))[
-                    "items"
-                ]
-            )
-            == 1
-        )
-
-    assert poll(one_pod, 60, every=1), "the limited pod is still there"
+    assert poll(lambda: len(agent_pods(cluster)) == 1, 60, every=1), "the limited pod is still there"
     assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the pod does not serve again"
 
 

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess, Load, interface_exists, local_answers, our_rules, own_files
+from tests.agentproc import (
+    AgentProcess,
+    Load,
+    http_status,
+    interface_exists,
+    local_answers,
+    our_rules,
+    own_files,
+)
 from tests.sandbox import KUBE_DNS_IP, LOCAL_IP
 
 RATE, DURATION = 1000, 9.0
@@ -92,6 +102,35 @@ def test_a_new_agent_that_crashes_at_start_leaves_the_serving_one_untouched(node
             assert retry.stop() == 0
         result = load.result()
         assert result["failed"] <= 5, result  # at most what the killed CoreDNS had read (SO_REUSEPORT share)
+        assert our_rules(box) == installed and interface_exists(box)
+        assert old.status()["serving"] is True and local_answers(box)
+        assert old.stop() == 0
+    assert our_rules(box) == [] and not interface_exists(box)
+
+
+def test_a_new_agent_whose_coredns_never_serves_is_not_ready_though_the_shared_ready_port_answers(
+    node_sandbox: sb.Sandbox,
+) -> None:
+    """A broken new version next to a serving agent: CoreDNS's /ready on the shared port is answered by the
+    old CoreDNS, so only ``agent --ready`` (this pod's own status) keeps the rollout from moving on."""
+    box = node_sandbox
+    broken = box.workdir / "broken-coredns"
+    broken.write_text("#!/bin/sh\necho 'plugin/forward: not a valid option' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with AgentProcess(box, name="old") as old:
+        old.wait_serving()
+        installed = our_rules(box)
+        with AgentProcess(
+            box, name="new", extra=[*own_files(box, "new"), "--coredns-binary", str(broken)]
+        ) as new:
+            new.wait_for(lambda s: s.get("state") == "backoff", 20, "its CoreDNS failing")
+            assert http_status(box, f"http://{LOCAL_IP}:8181/ready").startswith("200")  # the old one answers
+            ready = [sys.executable, "-m", "agent", "--ready", "--status-file", str(new.status_file)]
+            unready = subprocess.run(ready, capture_output=True, text=True, check=False)
+            assert unready.returncode == 1 and "not serving" in unready.stderr, unready
+            old_ready = [sys.executable, "-m", "agent", "--ready", "--status-file", str(old.status_file)]
+            assert subprocess.run(old_ready, capture_output=True, check=False).returncode == 0
+            assert new.stop() == 0  # the rollout undone: the broken pod goes, the node stays as it was
         assert our_rules(box) == installed and interface_exists(box)
         assert old.status()["serving"] is True and local_answers(box)
         assert old.stop() == 0

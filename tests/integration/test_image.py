@@ -141,7 +141,7 @@ def test_a_pods_queries_are_answered_by_the_containers_coredns_without_conntrack
             status = proc_status(hpid)
             assert int(status["CapBnd"], 16) == MANIFEST_CAPABILITIES, (comm, status["CapBnd"])
             assert status["NoNewPrivs"] == "1", comm
-        # The kubelet's probes: exec liveness within its timeout, and httpGet readiness on the local address.
+        # The kubelet's probes, both exec and within their timeouts: liveness and readiness.
         started = time.monotonic()
         alive = pod.liveness()
         assert alive.returncode == 0 and alive.stdout.strip().endswith("coredns running, serving"), alive
@@ -198,6 +198,7 @@ def test_a_surge_upgrade_of_the_pod_keeps_the_node_served(box: sb.Sandbox, pod: 
     time.sleep(1.0)
     with AgentContainer(box, name="surge") as new:
         new.wait_serving()
+        assert new.ready()  # the readiness probe the DaemonSet controller waits for
         assert our_rules(box) == installed
         took = pod.stop()
         assert pod.state()["ExitCode"] == 0, pod.tail()

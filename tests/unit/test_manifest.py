@@ -94,7 +94,7 @@ def test_an_unsubstituted_placeholder_outside_the_corefile_is_refused() -> None:
     assert result.returncode == 1
     assert (
         "DaemonSet kube-system/node-local-dns: __PILLAR__LOCAL__DNS__ left at "
-        "spec.template.spec.containers[0].readinessProbe.httpGet.host" in result.stderr
+        "spec.template.spec.containers[0].args[1]" in result.stderr
     )
 
 
@@ -139,10 +139,18 @@ def test_liveness_is_agent_check_and_outlasts_its_staleness_limit(
     assert probe["timeoutSeconds"] >= 2
 
 
-def test_readiness_asks_the_ready_the_agent_adds_on_the_local_address(
+def test_readiness_is_agent_ready_for_this_pod_alone(deployed: dict[str, dict[str, Any]]) -> None:
+    # An httpGet of CoreDNS's /ready would be answered by either pod's CoreDNS during a surge (one port).
+    probe = container(deployed)["readinessProbe"]
+    assert probe["exec"]["command"] == ["agent", "--ready"]
+    ns, _ = parse(probe["exec"]["command"][1:])
+    assert ns.ready
+    assert probe["timeoutSeconds"] >= 2
+
+
+def test_the_ready_the_agent_adds_is_on_the_local_address_for_manifests_that_probe_it(
     deployed: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    get = container(deployed)["readinessProbe"]["httpGet"]
     assert not re.findall(r"^\s*ready\b", corefile(deployed), re.MULTILINE)  # the ConfigMap has none
     template = tmp_path / "Corefile.base"
     template.write_text(corefile(deployed))
@@ -151,9 +159,7 @@ def test_readiness_asks_the_ready_the_agent_adds_on_the_local_address(
     rendered = CorefileBuilder(settings, environ=environ).build(
         KubeDnsConfig(upstream_nameservers=("10.0.0.53",))
     )
-    ready_lines = re.findall(r"^\s*ready (\S+)$", rendered.text, re.MULTILINE)
-    assert ready_lines == [f"{get['host']}:{get['port']}"]
-    assert (get["host"], get["path"]) == (LOCALDNS, "/ready")
+    assert re.findall(r"^\s*ready (\S+)$", rendered.text, re.MULTILINE) == [f"{LOCALDNS}:8181"]
 
 
 # The plugins node-cache compiles in (kubernetes-sigs/node-local-dns cmd/node-cache/main.go); `prometheus` is
@@ -178,7 +184,7 @@ def test_upgrades_surge_so_that_no_node_is_without_dns(deployed: dict[str, dict[
         "type": "RollingUpdate",
         "rollingUpdate": {"maxSurge": "10%", "maxUnavailable": 0},
     }
-    assert spec["minReadySeconds"] >= 5  # the old pod's CoreDNS answers the new pod's readiness probe too
+    assert spec["minReadySeconds"] >= 5  # the new pod serves a while before the old one is stopped
     assert "ports" not in container(
         deployed
     )  # with hostNetwork they would be host ports, blocking the surge pod
