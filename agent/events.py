@@ -36,6 +36,7 @@ class ProbeResult:
     silent: bool = False  # no answer at all: bound (the kernel gate open) but not answering
     wrong_answer: bool = False  # answered, but not as CoreDNS answers the probe zone (see health.Outcome)
     busy: bool = False  # silent, but CoreDNS used the CPU meanwhile: a backlog, not a hang (health.BusyMeter)
+    stalled: bool = False  # silent, and the kernel confirms a hang (health.StallWatch)
     at: float = 0.0  # time.monotonic() when the round ended (0: unknown)
 
 

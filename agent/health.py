@@ -19,6 +19,7 @@ from pathlib import Path
 from agent.config import IPAddress
 from agent.events import Event, ProbeResult
 from agent.logs import get_logger
+from agent.sockets import socket_inodes, udp_receive_queues
 
 log = get_logger("health")
 
@@ -56,6 +57,16 @@ class Outcome:
     # A DNS answer came, but not the probe zone's: most likely not from the local CoreDNS at all (the probe
     # rules are gone and kube-proxy sent the probe to kube-dns), which says nothing about CoreDNS's health.
     wrong_answer: bool = False
+    # Silent, and the kernel confirms a hang (see StallWatch): CoreDNS does not read its sockets.
+    stalled: bool = False
+
+
+class StalledError(Exception):
+    """The kernel confirmed a hang while a probe waited for its answer; the message says what it saw."""
+
+
+# Called while a probe goes unanswered, before each resend: a reason when CoreDNS is confirmed hung.
+Unanswered = Callable[[], str | None]
 
 
 # RFC 1035 4.1: header (id, flags with RD set, one question), then the question: QNAME, QTYPE A, QCLASS IN.
@@ -88,6 +99,7 @@ def probe_dns(
     mark: int | None = None,
     query: bytes = b"",
     sends: int = 1,
+    unanswered: Unanswered | None = None,
 ) -> Outcome:
     """One UDP query, sent up to ``sends`` times within ``timeout`` while unanswered; healthy when CoreDNS
     answers NOERROR with at least one answer record.
@@ -103,9 +115,13 @@ def probe_dns(
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             sock.connect((str(address), port))
-            reply = _exchange(sock, wire, deadline, max(1, sends))
+            reply = _exchange(sock, wire, deadline, max(1, sends), unanswered)
     except TimeoutError:
         return Outcome(False, f"no answer from {address}:{port} within {timeout}s", timeout, silent=True)
+    except StalledError as exc:
+        latency = time.monotonic() - started
+        detail = f"no answer from {address}:{port} for {latency:.2f}s, {exc}"
+        return Outcome(False, detail, latency, silent=True, stalled=True)
     except OSError as exc:
         detail = f"query to {address}:{port} failed: {exc.strerror or exc}"
         return Outcome(False, detail, time.monotonic() - started)
@@ -117,16 +133,22 @@ def probe_dns(
     return Outcome(True, "ok", latency)
 
 
-def _exchange(sock: socket.socket, wire: bytes, deadline: float, sends: int) -> bytes:
+def _exchange(
+    sock: socket.socket, wire: bytes, deadline: float, sends: int, unanswered: Unanswered | None = None
+) -> bytes:
     """Send ``wire``, again at even steps until ``deadline`` while no reply with its id came; the reply.
-    Stray datagrams (another id) are skipped. TimeoutError when none came by the deadline."""
+    Stray datagrams (another id) are skipped. TimeoutError when none came by the deadline; StalledError
+    when ``unanswered``, asked before each resend, confirms a hang."""
     step = (deadline - time.monotonic()) / sends
-    next_send = time.monotonic()
+    next_send, first = time.monotonic(), True
     while True:
         now = time.monotonic()
         if now >= deadline:
             raise TimeoutError
         if sends and now >= next_send:
+            if not first and unanswered is not None and (reason := unanswered()):
+                raise StalledError(reason)
+            first = False
             sock.send(wire)
             sends -= 1
             next_send = now + step if sends else deadline
@@ -221,6 +243,77 @@ class BusyMeter:
         self._last, self._busy_rounds = None, 0
 
 
+@dataclass(frozen=True)
+class KernelView:
+    """What the kernel says of a process, read from /proc in well under a millisecond."""
+
+    queued: int  # bytes waiting to be read in its UDP sockets
+    cpu: float  # CPU seconds, all threads
+    running: bool  # one of its threads is running or waiting for a CPU
+
+
+def kernel_view(pid: int) -> KernelView | None:
+    """``pid``'s view, or None when it is gone."""
+    cpu = cpu_seconds(pid)
+    if cpu is None:
+        return None
+    inodes = socket_inodes(pid)
+    queues = udp_receive_queues(Path(f"/proc/{pid}"))
+    running = False
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in threads:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R":
+            running = True
+            break
+    return KernelView(sum(queues.get(inode, 0) for inode in inodes), cpu, running)
+
+
+class StallWatch:
+    """Confirms a hang while a probe waits for its answer, without waiting for three silent rounds.
+
+    Asked before each resend (every 0.1 s) of an unanswered probe, it compares the kernel's view of CoreDNS
+    with the previous resend's: datagrams wait in its UDP sockets and none was read since, no thread of it
+    ran or waited for a CPU, and it used next to no CPU. A deadlocked or frozen CoreDNS looks so; a busy one
+    uses the CPU or drains its queue, and one starved of a CPU has a runnable thread. Costs nothing while
+    probes are answered."""
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        read: Callable[[int], KernelView | None] = kernel_view,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pid, self._read, self._clock = pid, read, clock
+        self._earlier: tuple[float, KernelView] | None = None
+
+    def new_round(self) -> None:
+        self._earlier = None
+
+    def __call__(self) -> str | None:
+        now, view = self._clock(), self._read(self.pid)
+        earlier, self._earlier = self._earlier, (None if view is None else (now, view))
+        if earlier is None or view is None or now <= earlier[0]:
+            return None
+        since, before = earlier
+        share = (view.cpu - before.cpu) / (now - since)
+        if before.queued == 0 or view.queued < before.queued or before.running or view.running:
+            return None
+        if share >= BUSY_CPU_SHARE:
+            return None
+        return (
+            f"coredns read none of the {view.queued} bytes waiting in its sockets for {now - since:.2f}s "
+            f"(no thread running, {share:.0%} of a core)"
+        )
+
+
 class Prober:
     """Probes one CoreDNS child every ``interval`` until stopped; results are tagged with the child's pid."""
 
@@ -245,20 +338,21 @@ class Prober:
         url = self.settings.health_url
         health = HealthEndpoint(url, self.settings.timeout) if url else None
         rounds, query = 0, probe_query(self.settings.name)
-        meter = BusyMeter(self.pid)
+        meter, watch = BusyMeter(self.pid), StallWatch(self.pid)
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
                 with_health = health if rounds % self.settings.health_every == 0 else None
                 rounds += 1
+                watch.new_round()
                 try:
-                    outcome = probe_round(self.settings, query=query, health=with_health)
+                    outcome = probe_round(self.settings, query=query, health=with_health, unanswered=watch)
                 except Exception as exc:  # a probe bug must show as failing probes, never as silence
                     log.exception("probe error", pid=self.pid)
                     outcome = Outcome(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
                 if self._stop.is_set():
                     return
-                busy = meter.unanswered() if outcome.silent else None
+                busy = meter.unanswered() if outcome.silent and not outcome.stalled else None
                 if not outcome.silent:
                     meter.answered()
                 detail = outcome.detail
@@ -267,7 +361,8 @@ class Prober:
                 self._post(
                     ProbeResult(
                         self.pid, outcome.ok, detail, outcome.latency, outcome.silent,
-                        wrong_answer=outcome.wrong_answer, busy=busy is not None, at=time.monotonic(),
+                        wrong_answer=outcome.wrong_answer, busy=busy is not None, stalled=outcome.stalled,
+                        at=time.monotonic(),
                     )
                 )  # fmt: skip
                 self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
@@ -277,7 +372,11 @@ class Prober:
 
 
 def probe_round(
-    settings: ProbeSettings, *, query: bytes = b"", health: HealthEndpoint | None = None
+    settings: ProbeSettings,
+    *,
+    query: bytes = b"",
+    health: HealthEndpoint | None = None,
+    unanswered: Unanswered | None = None,
 ) -> Outcome:
     """Every local address answers the probe name, and /health says 200. The latency is the slowest DNS
     answer's."""
@@ -285,7 +384,7 @@ def probe_round(
     for address in settings.addresses:
         outcome = probe_dns(
             address, settings.port, settings.name, settings.timeout, mark=settings.mark, query=query,
-            sends=settings.sends,
+            sends=settings.sends, unanswered=unanswered,
         )  # fmt: skip
         slowest = max(slowest, outcome.latency)
         if not outcome.ok:

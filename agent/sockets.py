@@ -87,3 +87,17 @@ def serves(
             ):
                 return False
     return True
+
+
+def udp_receive_queues(proc: Path = Path("/proc/self")) -> dict[int, int]:
+    """Bytes waiting to be read in each UDP socket of the network namespace of ``proc``, by inode."""
+    queued: dict[int, int] = {}
+    for table in ("udp", "udp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            queued[int(fields[9])] = int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
+    return queued

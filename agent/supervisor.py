@@ -372,6 +372,11 @@ class Supervisor:
             return
         if self.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
             return
+        if result.stalled and self.state is CoreDnsState.RUNNING:
+            # The kernel confirmed it within the round: waiting for more silent rounds would only lose the
+            # queries it swallows meanwhile.
+            self._kill_and_fail(f"hung: {result.detail}", "hang")
+            return
         self.probe_failures += 1
         if self.probe_failures == 1:
             log.warning("coredns probe failed", detail=result.detail, state=str(self.state))

@@ -10,6 +10,9 @@ How node-cache's behaviour is reproduced (it cannot be built here; see :mod:`ben
   baseline agent after ``kubelet_delay`` seconds.
 - "SIGSTOP CoreDNS" stops node-cache; nothing notices within the run (its liveness probe is an httpGet with
   periodSeconds 10 and failureThreshold 3: about 30 s). Modelled as SIGSTOP of the agent and CoreDNS.
+- "CoreDNS frozen" is a hang without the kernel's stop notice, as a deadlock looks: the cgroup freezer.
+  node-cache's is modelled as its SIGSTOP (nothing notices either). A frozen process dies of the agent's
+  SIGKILL only once thawed, so it is thawed as soon as the agent has taken the node off the local path.
 - A rolling restart is SIGTERM (node-cache removes its rules and exits), then a new pod.
 - A surge upgrade, measured on the link-local address (where no kube-dns stands behind the cache): the
   agent's new pod starts next to the old one, serves, then the old one gets SIGTERM. node-cache's manifest
@@ -36,6 +39,7 @@ from typing import Any
 from bench.node import KINDS, SERVICE, Kind, Node
 from tests import sandbox as sb
 from tests.agentproc import AgentProcess, own_files
+from tests.freezer import frozen
 
 # The kubelet notices a dead container at its next PLEG relist (every 1 s) and restarts it at once the first
 # time (CrashLoopBackOff delays only later restarts: 10 s, doubling to 5 min). Container start-up itself is
@@ -52,6 +56,7 @@ STUB_ANSWER = sb.SERVICES.stub[STUB_NAME]
 SCENARIOS = (
     "sigkill_coredns",
     "sigstop_coredns",
+    "frozen_coredns",
     "sigkill_agent_and_coredns",
     "rolling_restart",
     "surge_upgrade_link_local",
@@ -60,6 +65,7 @@ SCENARIOS = (
 TITLES = {
     "sigkill_coredns": "SIGKILL CoreDNS",
     "sigstop_coredns": "SIGSTOP CoreDNS",
+    "frozen_coredns": "CoreDNS frozen (a hang with no stop notice, as a deadlock)",
     "sigkill_agent_and_coredns": "SIGKILL agent and CoreDNS together",
     "rolling_restart": "rolling restart (SIGTERM, then a new agent)",
     "surge_upgrade_link_local": "upgrade, link-local address (ours: surge; node-cache: rolling restart)",
@@ -98,13 +104,22 @@ def _restart_later(node: Node, kind: Kind, old: AgentProcess, plan: FailoverPlan
     return {"restarted_at": time.monotonic()}
 
 
+def _coredns(agent: AgentProcess, what: str) -> int:
+    coredns = agent.coredns_pid()
+    if coredns is None:
+        raise RuntimeError(f"the agent has no CoreDNS to {what}")
+    return coredns
+
+
+def _hang_detected(agent: AgentProcess, since: float) -> dict[str, Any]:
+    agent.wait_for(lambda s: s.get("serving") is False, 10.0, "off the local path after a hang")
+    return {"hang_detected_after_s": round(time.monotonic() - since, 3)}
+
+
 def _sigkill_coredns(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
     if kind == "node_cache":
         return _sigkill_agent_and_coredns(node, kind, agent, plan)
-    coredns = agent.coredns_pid()
-    if coredns is None:
-        raise RuntimeError("the agent has no CoreDNS to kill")
-    os.kill(coredns, signal.SIGKILL)
+    os.kill(_coredns(agent, "kill"), signal.SIGKILL)
     return {}
 
 
@@ -112,13 +127,17 @@ def _sigstop_coredns(node: Node, kind: Kind, agent: AgentProcess, plan: Failover
     if kind == "node_cache":
         node.kill_agent_and_coredns(agent, signal.SIGSTOP)
         return {}
-    coredns = agent.coredns_pid()
-    if coredns is None:
-        raise RuntimeError("the agent has no CoreDNS to stop")
+    coredns = _coredns(agent, "stop")
     stopped = time.monotonic()
     os.kill(coredns, signal.SIGSTOP)
-    agent.wait_for(lambda s: s.get("serving") is False, 10.0, "off the local path after a hang")
-    return {"hang_detected_after_s": round(time.monotonic() - stopped, 3)}
+    return _hang_detected(agent, stopped)
+
+
+def _frozen_coredns(node: Node, kind: Kind, agent: AgentProcess, plan: FailoverPlan) -> dict[str, Any]:
+    if kind == "node_cache":
+        return _sigstop_coredns(node, kind, agent, plan)
+    with frozen(_coredns(agent, "freeze"), f"{sb.PREFIX}-{node.box.run_id}-freeze"):
+        return _hang_detected(agent, time.monotonic())
 
 
 def _sigkill_agent_and_coredns(
@@ -164,6 +183,7 @@ def _stub_domain_reload(node: Node, kind: Kind, agent: AgentProcess, plan: Failo
 FAULTS: dict[str, Fault] = {
     "sigkill_coredns": _sigkill_coredns,
     "sigstop_coredns": _sigstop_coredns,
+    "frozen_coredns": _frozen_coredns,
     "sigkill_agent_and_coredns": _sigkill_agent_and_coredns,
     "rolling_restart": _rolling_restart,
     "surge_upgrade_link_local": _surge_upgrade,

@@ -103,6 +103,9 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "start-up is not modelled, which favours the baseline).",
         "- *SIGSTOP CoreDNS* stops node-cache; nothing notices within the run (its liveness probe, an "
         "httpGet every 10 s with failureThreshold 3, takes about 30 s).",
+        "- *CoreDNS frozen*: a hang the kernel sends no stop notice for, as a deadlock: the cgroup freezer "
+        "(thawed once the agent has taken the node off the local path, since a frozen process dies of "
+        "SIGKILL only when thawed). node-cache's row is its SIGSTOP: nothing notices either.",
         "- *Rolling restart*: SIGTERM (rules removed on the way out), then a new agent after the same delay. "
         "The baseline agent shuts down in the agent's order (rules removed while CoreDNS still answers, "
         "then CoreDNS stopped), so this row does not model node-cache's own shutdown: it removes its "

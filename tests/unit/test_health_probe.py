@@ -6,7 +6,10 @@ import contextlib
 import ipaddress
 import os
 import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
@@ -15,7 +18,16 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from agent.health import MAX_BUSY_ROUNDS, BusyMeter, cpu_seconds, probe_dns, probe_query
+from agent.health import (
+    MAX_BUSY_ROUNDS,
+    BusyMeter,
+    KernelView,
+    StallWatch,
+    cpu_seconds,
+    kernel_view,
+    probe_dns,
+    probe_query,
+)
 
 
 @pytest.mark.parametrize("name", ["health.node-local-dns.", "health.node-local-dns", "a.b.c.example."])
@@ -159,3 +171,75 @@ def test_cpu_time_comes_from_proc_and_a_vanished_coredns_is_never_busy() -> None
     meter = BusyMeter(gone)
     assert meter.unanswered() is None
     assert meter.unanswered() is None
+
+
+@contextlib.contextmanager
+def sleeper_holding_an_unread_socket() -> Iterator[tuple[int, int]]:
+    """(pid, port) of a process bound to a UDP port that it never reads, asleep: as a deadlocked CoreDNS
+    looks. Killed after."""
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0))\n"
+        "print(s.getsockname()[1], flush=True); time.sleep(30)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            yield proc.pid, int(proc.stdout.readline())
+        finally:
+            proc.kill()
+
+
+def test_the_kernel_view_counts_unread_datagrams_in_the_process_own_sockets() -> None:
+    with sleeper_holding_an_unread_socket() as (pid, port):
+        idle = kernel_view(pid)
+        assert idle is not None and idle.queued == 0 and not idle.running
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for _ in range(3):
+                client.sendto(probe_query("health.node-local-dns."), ("127.0.0.1", port))
+        waiting = kernel_view(pid)
+        assert waiting is not None and waiting.queued > 0
+        me = kernel_view(os.getpid())
+        assert me is not None and me.running  # this thread is running as it reads
+    assert kernel_view(pid) is None
+
+
+def test_a_probe_to_a_process_that_reads_none_of_its_socket_is_confirmed_stalled_within_the_round() -> None:
+    with sleeper_holding_an_unread_socket() as (pid, port):
+        outcome = probe_dns(ipaddress.ip_address("127.0.0.1"), port, "health.node-local-dns.", 0.5,
+                            sends=5, unanswered=StallWatch(pid))  # fmt: skip
+    assert outcome.silent and outcome.stalled, outcome
+    assert outcome.latency < 0.3  # the second resend, not the timeout
+    assert "read none of the" in outcome.detail and "no thread running" in outcome.detail
+
+
+def view(queued: int, cpu: float, running: bool = False) -> KernelView:
+    return KernelView(queued, cpu, running)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "stalled"),
+    [
+        (view(100, 1.0), view(150, 1.001), True),  # waiting datagrams, none read, idle: hung
+        (view(0, 1.0), view(50, 1.001), False),  # nothing was waiting at the first look
+        (view(150, 1.0), view(100, 1.001), False),  # some were read
+        (view(100, 1.0), view(150, 1.05), False),  # half a core in 0.1 s: working through a backlog
+        (view(100, 1.0, running=True), view(150, 1.001), False),  # runnable: starved of a CPU, not hung
+        (view(100, 1.0), view(150, 1.001, running=True), False),
+    ],
+)
+def test_a_stall_needs_unread_datagrams_no_runnable_thread_and_no_cpu(
+    before: KernelView, after: KernelView, stalled: bool
+) -> None:
+    views, clock = [before, after], [10.0, 10.1]
+    watch = StallWatch(1, read=lambda pid: views.pop(0), clock=lambda: clock.pop(0))
+    assert watch() is None  # the first look has nothing to compare with
+    assert (watch() is not None) == stalled
+
+
+def test_each_round_starts_its_comparison_afresh() -> None:
+    views = [view(100, 1.0), view(150, 1.0)]
+    watch = StallWatch(1, read=lambda pid: views.pop(0))
+    watch()
+    watch.new_round()
+    assert watch() is None

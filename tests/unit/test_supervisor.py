@@ -288,6 +288,19 @@ def test_three_failed_probe_rounds_mean_hung_and_coredns_is_killed(h: Harness) -
     assert h.sup.metrics.coredns_restarts.labels("signaled")._value.get() == 0
 
 
+def test_a_round_the_kernel_confirms_stalled_kills_a_running_coredns_at_once(h: Harness) -> None:
+    stalled = "no answer from 169.254.20.10:53 for 0.20s, coredns read none of the 180 bytes waiting"
+    h.sup.handle(ProbeResult(h.child.pid, False, stalled, 0.2, silent=True, stalled=True))
+    assert h.sup.state is CoreDnsState.STARTING  # starting: one silent round, as before, no kill yet
+    assert h.sup.probe_failures == 1
+    h.probe(ok=True)
+    pid = h.child.pid
+    h.sup.handle(ProbeResult(pid, False, stalled, 0.2, silent=True, stalled=True))
+    assert h.sup.state is CoreDnsState.BACKOFF and h.sup.cause.startswith(f"hung: {stalled}")
+    assert h.calls.log[-2:] == ["host_rules(False)", f"kill {pid}"]
+    assert h.sup.metrics.coredns_restarts.labels("hang")._value.get() == 1
+
+
 def test_unanswered_rounds_of_a_busy_coredns_never_kill_it_but_later_idle_silence_does(h: Harness) -> None:
     h.probe(ok=True)
     silent = "no answer from 10.96.0.10:53 within 0.5s"

@@ -272,16 +272,16 @@ class SupervisorModel(RuleBasedStateMachine):
 
     # Rules (what can happen) ----------------------------------------------------------------------------
     @precondition(lambda self: not self.stopped)
-    @rule(outcome=st.sampled_from(["ok", "silent", "refused", "wrong"]), stale=st.booleans())
+    @rule(outcome=st.sampled_from(["ok", "silent", "stalled", "refused", "wrong"]), stale=st.booleans())
     def probe(self, outcome: str, stale: bool) -> None:
         pids = [c.pid for c in self.children]
         if not pids:
             return
         pid = pids[0] if stale else pids[-1]
-        detail = {"ok": "ok", "silent": HANG, "refused": REFUSED, "wrong": WRONG}[outcome]
+        detail = {"ok": "ok", "silent": HANG, "stalled": HANG, "refused": REFUSED, "wrong": WRONG}[outcome]
         result = ProbeResult(
-            pid, outcome == "ok", detail, 0.001, outcome == "silent", wrong_answer=outcome == "wrong",
-            at=time.monotonic(),
+            pid, outcome == "ok", detail, 0.001, outcome in ("silent", "stalled"),
+            wrong_answer=outcome == "wrong", stalled=outcome == "stalled", at=time.monotonic(),
         )  # fmt: skip
         self._post(result)
 
