@@ -74,6 +74,8 @@ def agent_pods(cluster: Cluster) -> list[dict[str, Any]]:
 
 
 def agent_pod(cluster: Cluster) -> dict[str, object]:
+    """The one agent pod, once a pod an update replaced has finished terminating (up to its grace period)."""
+    poll(lambda: len(agent_pods(cluster)) == 1, 40, every=1)
     pods = agent_pods(cluster)
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     pod: dict[str, object] = pods[0]
@@ -170,12 +172,17 @@ def test_rolling_update_under_load_loses_no_query_on_the_cluster_ip(
 ) -> None:
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
     first = agent_pod(cluster)["metadata"]["name"]  # type: ignore[index]
-    duration = 14.0
+    # The new pod is Ready at its readiness probe's first success after it serves (every 10 s), and
+    # available 5 s later (minReadySeconds): the old pod is stopped about 15 s after the update.
+    duration = 30.0
     cluster_ip = cluster.start_load(rate=1000, duration=duration, names=SERVICE)
     link_local = cluster.start_load(rate=200, duration=duration, names=SERVICE, server=LOCAL_IP)
     time.sleep(2)
     cluster.kubectl("set", "env", "-n", "kube-system", "daemonset/node-local-dns", f"ROLLED={time.time()}")
     results = [json.loads(load.communicate(timeout=duration + 30)[0]) for load in (cluster_ip, link_local)]
+    # The handover fell within the load: the old pod was already gone or terminating when it ended.
+    old = [p for p in agent_pods(cluster) if p["metadata"]["name"] == first]
+    assert all(p["metadata"].get("deletionTimestamp") for p in old), "the old pod outlived the load"
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
     second = agent_pod(cluster)
     assert second["metadata"]["name"] != first, "no new pod"  # type: ignore[index]
