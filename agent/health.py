@@ -199,15 +199,20 @@ MAX_BUSY_ROUNDS = 20
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: str) -> list[bytes] | None:
+    """The fields of a /proc ``stat`` file after the name (state first), or None when it is gone."""
+    try:
+        stat = Path(path).read_bytes()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :].split()  # the name in parentheses may hold spaces
+
+
 def cpu_seconds(pid: int) -> float | None:
     """The CPU time the kernel counted for process ``pid`` (all its threads, user and system); None when
     it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()  # the name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    fields = _stat(f"/proc/{pid}/stat")
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 class BusyMeter:
@@ -257,22 +262,13 @@ def kernel_view(pid: int) -> KernelView | None:
     cpu = cpu_seconds(pid)
     if cpu is None:
         return None
-    inodes = socket_inodes(pid)
-    queues = udp_receive_queues(Path(f"/proc/{pid}"))
-    running = False
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    for tid in threads:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
-        except OSError:
-            continue
-        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R":
-            running = True
-            break
-    return KernelView(sum(queues.get(inode, 0) for inode in inodes), cpu, running)
+    running = any((f := _stat(f"/proc/{pid}/task/{tid}/stat")) and f[0] == b"R" for tid in threads)
+    queues = udp_receive_queues(Path(f"/proc/{pid}"))
+    return KernelView(sum(queues.get(inode, 0) for inode in socket_inodes(pid)), cpu, running)
 
 
 class StallWatch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,21 +36,26 @@ def _address(hex_address: str) -> tuple[IPAddress, int]:
     return ipaddress.ip_address(words), int(port, 16)
 
 
+def _sockets(proc: Path, proto: str) -> Iterator[list[str]]:
+    """The fields of each ``proto`` socket (IPv4 and IPv6) in the network namespace of ``proc``."""
+    for table in (proto, proto + "6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue  # no IPv6 in this namespace
+        for line in lines:
+            yield line.split()
+
+
 def listeners(proc: Path = Path("/proc/self")) -> list[Listener]:
     """Bound UDP sockets and listening TCP sockets in the network namespace of ``proc``."""
     found: list[Listener] = []
     for proto in ("udp", "tcp"):
-        for table in (proto, proto + "6"):
-            try:
-                lines = (proc / "net" / table).read_text().splitlines()[1:]
-            except OSError:
-                continue  # no IPv6 in this namespace
-            for line in lines:
-                fields = line.split()
-                if proto == "tcp" and fields[3] != _TCP_LISTEN:
-                    continue
-                ip, port = _address(fields[1])
-                found.append(Listener(proto, ip, port, int(fields[9])))
+        for fields in _sockets(proc, proto):
+            if proto == "tcp" and fields[3] != _TCP_LISTEN:
+                continue
+            ip, port = _address(fields[1])
+            found.append(Listener(proto, ip, port, int(fields[9])))
     return found
 
 
@@ -91,13 +96,5 @@ def serves(
 
 def udp_receive_queues(proc: Path = Path("/proc/self")) -> dict[int, int]:
     """Bytes waiting to be read in each UDP socket of the network namespace of ``proc``, by inode."""
-    queued: dict[int, int] = {}
-    for table in ("udp", "udp6"):
-        try:
-            lines = (proc / "net" / table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            queued[int(fields[9])] = int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
-    return queued
+    # tx_queue:rx_queue, then the inode
+    return {int(fields[9]): int(fields[4].split(":")[1], 16) for fields in _sockets(proc, "udp")}

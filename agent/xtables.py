@@ -59,6 +59,11 @@ class Result:
     stderr: str
 
 
+def _failed(argv: Sequence[str], res: Result) -> str:
+    """A failed command in words: its command line, how it ended, what it said."""
+    return f"{' '.join(argv)} {describe_returncode(res.returncode)}: {res.stderr.strip()}"
+
+
 def binary(mode: Mode, family: Family, tool: Literal["", "-save", "-restore"]) -> str:
     """``iptables-nft-save``, ``ip6tables-legacy-restore``, … (the Debian/alternatives names)."""
     return f"{'iptables' if family == 4 else 'ip6tables'}-{mode}{tool}"
@@ -163,8 +168,7 @@ class Xtables:
         argv = [binary(self.mode, family, "-save"), "-t", table]
         res = self.run(argv, deadline=deadline)
         if res.returncode != 0:
-            how = describe_returncode(res.returncode)
-            raise PacketFilterError(f"{' '.join(argv)} {how}: {res.stderr.strip()}")
+            raise PacketFilterError(_failed(argv, res))
         return res.stdout
 
     def restore(
@@ -189,7 +193,7 @@ class Xtables:
         )
         if res.returncode == 0:
             return
-        message = f"{' '.join(argv)} {describe_returncode(res.returncode)}: {res.stderr.strip()}"
+        message = _failed(argv, res)
         if res.returncode == _EXIT_RESOURCE_PROBLEM and "xtables lock" in res.stderr:
             raise XtablesLockError(f"{self.lock_file} held by another program for {wait}s ({message})")
         raise PacketFilterError(message)
