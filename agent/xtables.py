@@ -107,7 +107,7 @@ def run_command(
         raise XtablesUnavailableError(f"cannot run {argv[0]}: not installed") from None
     except OSError as exc:
         raise PacketFilterError(f"cannot run {argv[0]}: {exc.strerror}") from None
-    rank_above_agent(proc.pid)
+    rank_above_agent(proc.pid, first=True)
     pending: str | None = input if input is not None else ""
     with proc:
         while True:

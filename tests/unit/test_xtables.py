@@ -135,12 +135,13 @@ def test_a_child_gets_its_input_and_returns_its_output() -> None:
         run_command(["/nonexistent/iptables-nft-save"])
 
 
-def test_a_child_ranks_above_the_agent_for_the_oom_killer() -> None:
+def test_a_child_is_the_oom_killers_first_choice() -> None:
     # A cgroup at its limit right after CoreDNS was OOM-killed: the agent's iptables child, not the agent,
-    # is the next victim (its failure is retried; the agent's death would end the failover).
-    own = int(Path("/proc/self/oom_score_adj").read_text())
+    # is the next victim (its failure is retried; the agent's death would end the failover). The highest
+    # score, not the agent's + 500: the kernel adds 500/1000 of the cgroup's limit, and in a limit near the
+    # agent's own size the agent's memory still outweighs that (CI saw the agent taken with +500).
     res = run_command(["sh", "-c", "sleep 0.2; cat /proc/self/oom_score_adj"], deadline=time.monotonic() + 5)
-    assert int(res.stdout) == min(1000, own + 500)
+    assert int(res.stdout) == 1000
 
 
 def test_a_child_killed_by_a_signal_is_named_so(tmp_path: Path) -> None:
