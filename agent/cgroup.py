@@ -69,11 +69,12 @@ class Cgroup:
         return None
 
 
-def gomemlimit_for(limit: int | None, share: float = 0.8) -> str | None:
-    """GOMEMLIMIT for CoreDNS: a share of the container's limit, leaving room for the agent itself.
+def gomemlimit_for(limit: int | None, share: float = 0.8, instances: int = 1) -> str | None:
+    """GOMEMLIMIT for each CoreDNS: a share of the container's limit, leaving room for the agent itself,
+    split evenly between ``instances`` twins.
 
     The Go runtime then collects garbage harder as CoreDNS nears the limit instead of being OOM-killed.
     """
     if limit is None:
         return None
-    return f"{int(limit * share) // (1 << 20)}MiB"
+    return f"{int(limit * share / instances) // (1 << 20)}MiB"

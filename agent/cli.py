@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--host-failover",
         help="drop host rules while CoreDNS is unhealthy (default true; false = node-cache)",
     )
+    b("--coredns-instances", dest="coredns_instances", type=int, metavar="N",
+      help="CoreDNS processes sharing the DNS sockets, each restarted on its own (default 1)")  # fmt: skip
+    b("--coredns-probe-port", dest="coredns_probe_port", type=int, metavar="PORT",
+      help="with twins, instance N answers the agent's probe on PORT+N (default 5301)")  # fmt: skip
     b("--probe-mark", dest="probe_mark", type=lambda v: int(v, 0), metavar="BIT",
       help="firewall mark (one bit) on the agent's DNS probes (default 0x2000)")  # fmt: skip
     return p

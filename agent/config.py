@@ -20,6 +20,10 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# --coredns-instances at most: each twin costs a cache's memory and a prober.
+MAX_COREDNS_INSTANCES = 8
+
+
 class ConfigError(ValueError):
     """A setting or an input is invalid; the message names it and says what is wrong."""
 
@@ -93,6 +97,13 @@ class Settings:
     # "verify": kube-dns is asked first and the stale entry goes out only when it fails or stays silent
     # (corefile.STALE_VERIFY_TIMEOUT); "immediate": the stale entry goes out at once, refreshed behind it.
     serve_stale_mode: ServeStaleMode = "verify"
+    # CoreDNS processes on the same sockets (SO_REUSEPORT), each supervised on its own: with 2, a crash or a
+    # hang of one leaves the other serving, even for pods that query the link-local address directly (IPVS
+    # mode, a custom dnsConfig). Each has its own cache. 1 is node-cache's shape (see the README's "Twins").
+    coredns_instances: int = 1
+    # With twins, instance N answers the agent's probe on the first local address at this port + N (the
+    # shared port cannot tell them apart: the kernel hands a probe to any of them).
+    coredns_probe_port: int = 5301
     # node-cache's behaviour, for the benchmarks' side-by-side baseline only: no kernel gate on the pod
     # rules (socket_gate=False) and host rules kept whatever CoreDNS's health (host_failover=False).
     socket_gate: bool = True
@@ -111,6 +122,21 @@ class Settings:
         for name, port in (("-health-port", self.health_port), ("-dns.port", self.dns_port)):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"{name}: {port} is not a port number (1-65535)")
+        if not 1 <= self.coredns_instances <= MAX_COREDNS_INSTANCES:
+            raise ConfigError(
+                f"--coredns-instances: {self.coredns_instances} is outside 1..{MAX_COREDNS_INSTANCES}"
+            )
+        probe_ports = range(self.coredns_probe_port, self.coredns_probe_port + self.coredns_instances)
+        if self.coredns_instances > 1 and not (probe_ports[0] >= 1 and probe_ports[-1] <= 65535):
+            raise ConfigError(
+                f"--coredns-probe-port: {probe_ports[0]}-{probe_ports[-1]} (one per instance) are not "
+                "port numbers (1-65535)"
+            )
+        if self.coredns_instances > 1 and {self.dns_port, self.health_port} & set(probe_ports):
+            raise ConfigError(
+                f"--coredns-probe-port: ports {probe_ports[0]}-{probe_ports[-1]} (one per instance) take "
+                f"the DNS or health port"
+            )
         if self.health_port == self.dns_port:
             raise ConfigError(f"-health-port: {self.health_port} is also the DNS port")
         parse_host_port(self.metrics_listen_address, "-metrics-listen-address")

@@ -245,10 +245,16 @@ class CoreDnsProcess:
         finally:
             pump.close()
 
-    def listening(self, ips: Sequence[IPAddress], port: int, *, ours: bool = True) -> bool:
+    def listening(
+        self, ips: Sequence[IPAddress], port: int, *, ours: bool = True, also: Sequence[CoreDnsProcess] = ()
+    ) -> bool:
         """This CoreDNS (``ours``), or another process, has its UDP and TCP listeners bound on every address.
-        Another agent's CoreDNS shares them (SO_REUSEPORT): a probe answer alone does not tell which."""
-        inodes = socket_inodes(self.pid) if self._proc is not None else set()
+        Another agent's CoreDNS shares them (SO_REUSEPORT): a probe answer alone does not tell which. Twins
+        in ``also`` count as this one (their sockets are not another agent's)."""
+        inodes: set[int] = set()
+        for each in (self, *also):
+            if each._proc is not None:
+                inodes |= socket_inodes(each.pid)
         return serves(listeners(), inodes, ips, port, ours=ours)
 
     def signal(self, signum: int) -> None:

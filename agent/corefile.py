@@ -50,6 +50,10 @@ HEALTH_PROBE_NAME = f"{HEALTH_PROBE_ZONE}."
 HEALTH_PROBE_TYPE = "A"
 HEALTH_PROBE_ANSWER = "127.0.0.1"
 
+# With twins (--coredns-instances), each CoreDNS process gets its own port for the agent's probe through this
+# environment variable, which CoreDNS substitutes where the Corefile says {$NAME}: one file serves them all.
+PROBE_PORT_ENV = "NODE_LOCAL_DNS_PROBE_PORT"
+
 # Where the agent puts CoreDNS's `ready` when the template has none (the node-local-dns ConfigMap has none:
 # node-cache's CoreDNS build lacks the plugin, so the same ConfigMap must serve both for a rollback by image
 # swap). The manifest's readiness probe asks the first local address on this port.
@@ -214,6 +218,17 @@ def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str
         f"{HEALTH_PROBE_ZONE}:{dns_port} {{\n    bind {' '.join(map(str, local_ips))}\n"
         + (f"    ready {ready}\n" if ready else "")
         + f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
+        f'        answer "{{{{ .Name }}}} 0 IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ANSWER}"\n    }}\n}}\n'
+    )
+
+
+def twin_probe_block(address: IPAddress) -> str:
+    """The probe zone on each twin's own port (:data:`PROBE_PORT_ENV`), bound to ``address`` (the first
+    local address: the agent's own, so the port is free), where the kernel cannot hand the probe to another
+    twin."""
+    return (
+        f"{HEALTH_PROBE_ZONE}:{{${PROBE_PORT_ENV}}} {{\n    bind {address}\n"
+        f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
         f'        answer "{{{{ .Name }}}} 0 IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ANSWER}"\n    }}\n}}\n'
     )
 
@@ -527,6 +542,8 @@ class CorefileBuilder:
                 serve_stale=serve_stale_directive(s.serve_stale, s.serve_stale_mode),
             )
         )
+        if s.coredns_instances > 1:
+            text += twin_probe_block(s.require_local_ips()[0])
         return Rendered.of(text)
 
     def read_template(self) -> str:

@@ -21,7 +21,7 @@ import psutil
 from agent.cgroup import Cgroup, gomemlimit_for
 from agent.config import ConfigError, IPAddress, Settings
 from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
-from agent.corefile import HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
+from agent.corefile import HEALTH_PROBE_NAME, PROBE_PORT_ENV, CorefileBuilder, write_if_changed
 from agent.events import ApiConfigMap, ConfigChanged, Event
 from agent.health import ProbeSettings
 from agent.kubedns import KEYS as KUBEDNS_KEYS
@@ -93,20 +93,28 @@ class CorefileFiles:
 
 def coredns_launcher(
     settings: Settings, cgroup: Cgroup | None, metrics: Metrics | None = None
-) -> Callable[[Callable[[Event], None]], CoreDnsProcess]:
+) -> Callable[[Callable[[Event], None], int], CoreDnsProcess]:
+    """Instance N's CoreDNS: the same Corefile for all, its own probe port (twins), and -pidfile for the
+    first only (one file, one pid)."""
     argv = [settings.coredns_binary, "-conf", str(settings.corefile), "-dns.port", str(settings.dns_port)]
     if settings.quiet:
         argv.append("-quiet")
-    if settings.pidfile is not None:
-        argv += ["-pidfile", str(settings.pidfile)]
     env = dict(os.environ)
-    limit = gomemlimit_for(cgroup.memory_limit() if cgroup else None)
+    instances = settings.coredns_instances
+    limit = gomemlimit_for(cgroup.memory_limit() if cgroup else None, instances=instances)
     if limit and "GOMEMLIMIT" not in env:
         env["GOMEMLIMIT"] = limit
-        log.info("coredns memory limit", gomemlimit=limit, cause="the container's memory limit")
-    full = with_parent_death_signal(argv)
+        log.info("coredns memory limit", gomemlimit=limit, instances=instances,
+                 cause="the container's memory limit")  # fmt: skip
     dropped = metrics.coredns_output_dropped.inc if metrics is not None else None
-    return lambda post: CoreDnsProcess(full, post, env, settings.coredns_logs, dropped)
+
+    def launch(post: Callable[[Event], None], index: int) -> CoreDnsProcess:
+        first = settings.pidfile is not None and index == 0
+        full = with_parent_death_signal(argv + (["-pidfile", str(settings.pidfile)] if first else []))
+        own = env | {PROBE_PORT_ENV: str(settings.coredns_probe_port + index)} if instances > 1 else env
+        return CoreDnsProcess(full, post, own, settings.coredns_logs, dropped)
+
+    return launch
 
 
 def kill_orphans(settings: Settings) -> None:

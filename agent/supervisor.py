@@ -97,7 +97,8 @@ class ProberLike(Protocol):
     def alive(self) -> bool: ...
 
 
-Launcher = Callable[[Callable[[Event], None]], CoreDnsProcess]
+# Launches instance N's CoreDNS (N counts from 0; twins differ only in their probe port).
+Launcher = Callable[[Callable[[Event], None], int], CoreDnsProcess]
 ProberFactory = Callable[[ProbeSettings, int, Callable[[Event], None]], ProberLike]
 
 
@@ -144,6 +145,32 @@ class _Reload:
     previous: str  # the Corefile that child confirmed last: written back if the reload fails
 
 
+@dataclass
+class Instance:
+    """One CoreDNS slot (``--coredns-instances`` runs twins on the same sockets): its child, its state and
+    its restart schedule. A twin fails, backs off and restarts on its own; the others keep serving."""
+
+    index: int
+    state: CoreDnsState = CoreDnsState.STOPPED
+    cause: str = "not started"
+    child: CoreDnsProcess | None = None
+    prober: ProberLike | None = None
+    failures: int = 0
+    restart_at: float | None = None
+    restart_delay: float = 0.0
+    healthy_since: float | None = None
+    # Per-child state: set at launch, cleared when that child exits or is replaced.
+    probe_failures: int = 0
+    wrong_answers: int = 0
+    start_deadline: float | None = None
+    oom_kills_at_start: int | None = None
+    reload: _Reload | None = None
+    reload_when_healthy: str | None = None  # a change seen while starting
+
+    def owns(self, pid: int) -> bool:
+        return self.child is not None and self.child.pid == pid
+
+
 # Signals: the first group stops the agent (SIGQUIT too, as node-cache does: Python's default would dump
 # core and leave the rules); the second re-renders the Corefile and reloads CoreDNS (SIGUSR1 even when
 # nothing changed, as node-cache's CoreDNS does on SIGUSR1).
@@ -173,15 +200,11 @@ class Supervisor:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
+    # The node's view: the best of the instances' states (RUNNING while any twin runs), with its cause.
     state: CoreDnsState = field(default=CoreDnsState.STOPPED, init=False)
     cause: str = field(default="not started", init=False)
     serving: bool = field(default=False, init=False)  # RUNNING and the rules verified in place
-    child: CoreDnsProcess | None = field(default=None, init=False)
-    prober: ProberLike | None = field(default=None, init=False)
-    failures: int = field(default=0, init=False)
-    restart_at: float | None = field(default=None, init=False)
-    restart_delay: float = field(default=0.0, init=False)
-    healthy_since: float | None = field(default=None, init=False)
+    instances: list[Instance] = field(init=False)
     corefile_text: str | None = field(default=None, init=False)
     api_data: Mapping[str, str] | None = field(default=None, init=False)
     retry_render_at: float | None = field(default=None, init=False)
@@ -189,18 +212,14 @@ class Supervisor:
     ever_ready: bool = field(default=False, init=False)
     peak_rss: int = field(default=0, init=False)  # bytes, across every CoreDNS child
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue, init=False)
-    # Per-child state: set at launch, cleared when that child exits or is replaced.
-    probe_failures: int = field(default=0, init=False)
-    wrong_answers: int = field(default=0, init=False)
     # time.monotonic() when the reconcile last put missing rules back: earlier failed probes are discounted.
     probe_path_repaired_at: float = field(default=0.0, init=False)
-    start_deadline: float | None = field(default=None, init=False)
-    oom_kills_at_start: int | None = field(default=None, init=False)
-    reload: _Reload | None = field(default=None, init=False)
-    reload_when_healthy: str | None = field(default=None, init=False)  # a change seen while starting
     _next_reconcile: float = field(default=0.0, init=False)
     _next_heartbeat: float = field(default=0.0, init=False)
     _next_rerender: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.instances = [Instance(i) for i in range(self.settings.coredns_instances)]
 
     @property
     def stop_requested(self) -> str | None:
@@ -248,7 +267,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Leftovers out, interface up, Corefile rendered, CoreDNS launched; rules follow once healthy."""
-        log.info("agent starting", local_ips=[str(ip) for ip in self.settings.local_ips])
+        log.info("agent starting", local_ips=[str(ip) for ip in self.settings.local_ips],
+                 coredns_instances=len(self.instances))  # fmt: skip
         self.metrics.healthy_since.set_function(self._healthy_for)
         self.network.remove_leftovers()
         changes = self.network.setup_interface()
@@ -258,7 +278,8 @@ class Supervisor:
         self._render("start")
         self.corefile.start_watchers(self.post)
         self.network.start_watchers(self.post)
-        self._launch("start")
+        for inst in self.instances:
+            self._launch(inst, "start")
 
     def step(self, timeout: float) -> None:
         """Handle at most one event (waiting up to ``timeout``), then the timers. One loop cycle."""
@@ -273,12 +294,19 @@ class Supervisor:
     def _wait_time(self) -> float:
         now = self.clock()
         deadlines = [self._next_reconcile, self._next_heartbeat, self._next_rerender]
-        for d in (self.restart_at, self.start_deadline, self.retry_render_at):
-            if d is not None:
-                deadlines.append(d)
-        if self.reload is not None:
-            deadlines.append(self.reload.deadline)
+        if self.retry_render_at is not None:
+            deadlines.append(self.retry_render_at)
+        for inst in self.instances:
+            for d in (inst.restart_at, inst.start_deadline):
+                if d is not None:
+                    deadlines.append(d)
+            if inst.reload is not None:
+                deadlines.append(inst.reload.deadline)
         return max(0.0, min(deadlines) - now)
+
+    def _instance_of(self, pid: int) -> Instance | None:
+        """The instance whose current child ``pid`` is; None for an earlier child already given up on."""
+        return next((inst for inst in self.instances if inst.owns(pid)), None)
 
     # Events -----------------------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
@@ -306,46 +334,47 @@ class Supervisor:
                     self.stop.request(f"received {name}")
 
     def _on_child_exit(self, pid: int, returncode: int) -> None:
-        if self.child is None or pid != self.child.pid:
+        inst = self._instance_of(pid)
+        if inst is None or inst.child is None:
             return  # an earlier child we already gave up on
         how = describe_returncode(returncode)
-        self._forget_reload("coredns exited")
-        if self.state is CoreDnsState.STOPPING:
-            log.info("coredns stopped", pid=pid, how=how)
+        self._forget_reload(inst, "coredns exited")
+        if inst.state is CoreDnsState.STOPPING:
+            log.info("coredns stopped", pid=pid, how=how, **self._which(inst))
             return
-        if self.state is CoreDnsState.BACKOFF:
+        if inst.state is CoreDnsState.BACKOFF:
             return  # we killed it (hang or start timeout) and already said why
         cause, label = how, "exited" if returncode >= 0 else "signaled"
-        if self._oom_killed(returncode):
+        if self._oom_killed(inst, returncode):
             cause, label = f"OOM-killed ({how}; the memory cgroup counted an oom_kill)", "oom"
-        elif returncode > 0 and self.child.recent_output:
-            cause = f"{how}: {self.child.recent_output[-1]}"
-        self._fail(cause, label)
+        elif returncode > 0 and inst.child.recent_output:
+            cause = f"{how}: {inst.child.recent_output[-1]}"
+        self._fail(inst, cause, label)
 
     def _on_child_stopped(self, pid: int, signum: int) -> None:
         """A stopped CoreDNS answers nothing while its sockets hold the kernel gate open: a hang, known from
         the kernel at once rather than from three silent probe rounds."""
-        if self.child is None or pid != self.child.pid:
-            return
-        if self.state in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
-            self._kill_and_fail(f"hung: stopped by {_signal_name(signum)}", "hang")
+        inst = self._instance_of(pid)
+        if inst is not None and inst.state in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
+            self._kill_and_fail(inst, f"hung: stopped by {_signal_name(signum)}", "hang")
 
-    def _oom_killed(self, returncode: int) -> bool:
+    def _oom_killed(self, inst: Instance, returncode: int) -> bool:
         if returncode != -signal.SIGKILL or self.cgroup is None:
             return False
         kills = self.cgroup.oom_kills()
-        return kills is not None and kills > (self.oom_kills_at_start or 0)
+        return kills is not None and kills > (inst.oom_kills_at_start or 0)
 
     def _on_probe(self, result: ProbeResult) -> None:
-        if self.child is None or result.pid != self.child.pid:
+        inst = self._instance_of(result.pid)
+        if inst is None:
             return
         self.metrics.probe_latency.observe(result.latency)
         if result.ok:
-            self.probe_failures = self.wrong_answers = 0
+            inst.probe_failures = inst.wrong_answers = 0
             # Answered, but by whom? Another agent's CoreDNS on the same sockets answers too (a surge
             # upgrade): this one is healthy once its own listeners are bound as well.
-            if self.state is CoreDnsState.STARTING and self._child_listening():
-                self._became_healthy()
+            if inst.state is CoreDnsState.STARTING and self._child_listening(inst):
+                self._became_healthy(inst)
             return
         self.metrics.probe_failures.labels("health" if "/health" in result.detail else "dns").inc()
         if 0 < result.at <= self.probe_path_repaired_at:
@@ -353,62 +382,54 @@ class Supervisor:
         if result.wrong_answer:
             # Answered, but not with the probe zone's answer: the probe went elsewhere (its rule gone,
             # kube-proxy sending it to kube-dns). Killing CoreDNS would not mend that; the rules back do.
-            self.wrong_answers += 1
-            if self.wrong_answers == 1:
-                log.warning("probe answered by something else", detail=result.detail,
+            inst.wrong_answers += 1
+            if inst.wrong_answers == 1:
+                log.warning("probe answered by something else", detail=result.detail, **self._which(inst),
                             cause="the probe's path, not coredns: checking the rules")  # fmt: skip
             self._reconcile("a probe answered by something other than the local coredns")
             return
         if result.busy:
             # Unanswered, but CoreDNS kept the CPU busy meanwhile: a burst it is working through, not a hang.
             # Killing it would empty the cache and send the burst to kube-dns.
-            if self.probe_failures:
-                log.warning("coredns busy, not hung", detail=result.detail, state=str(self.state))
-            self.probe_failures = 0
+            if inst.probe_failures:
+                log.warning("coredns busy, not hung", detail=result.detail, state=str(inst.state),
+                            **self._which(inst))  # fmt: skip
+            inst.probe_failures = 0
             return
         # While starting, only silence counts: CoreDNS not bound yet is normal (and harmless: pod queries go
         # to kube-dns), but a bound CoreDNS that does not answer swallows pod queries through the open gate.
-        if self.state is CoreDnsState.STARTING and not result.silent:
+        if inst.state is CoreDnsState.STARTING and not result.silent:
             return
-        if self.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
+        if inst.state not in (CoreDnsState.STARTING, CoreDnsState.RUNNING):
             return
-        if result.stalled and self.state is CoreDnsState.RUNNING:
+        if result.stalled and inst.state is CoreDnsState.RUNNING:
             # The kernel confirmed it within the round: waiting for more silent rounds would only lose the
             # queries it swallows meanwhile.
-            self._kill_and_fail(f"hung: {result.detail}", "hang")
+            self._kill_and_fail(inst, f"hung: {result.detail}", "hang")
             return
-        self.probe_failures += 1
-        if self.probe_failures == 1:
-            log.warning("coredns probe failed", detail=result.detail, state=str(self.state))
-        if self.probe_failures >= self.timing.hang_after_failures:
-            self._kill_and_fail(f"hung: {self.probe_failures} probe rounds failed ({result.detail})", "hang")
+        inst.probe_failures += 1
+        if inst.probe_failures == 1:
+            log.warning("coredns probe failed", detail=result.detail, state=str(inst.state),
+                        **self._which(inst))  # fmt: skip
+        if inst.probe_failures >= self.timing.hang_after_failures:
+            cause = f"hung: {inst.probe_failures} probe rounds failed ({result.detail})"
+            self._kill_and_fail(inst, cause, "hang")
 
     def _on_child_output(self, pid: int, line: str) -> None:
-        if self.reload is None or pid != self.reload.pid:
+        inst = next((i for i in self.instances if i.reload is not None and i.reload.pid == pid), None)
+        if inst is None:
             return
         if RELOAD_DONE in line:
-            self.reload = None
+            inst.reload = None
             self.metrics.reloads.labels("ok").inc()
-            log.info("coredns reloaded", cause="SIGUSR1 reload confirmed by coredns")
+            log.info("coredns reloaded", cause="SIGUSR1 reload confirmed by coredns", **self._which(inst))
         else:
-            self._reload_failed(line)
+            self._reload_failed(inst, line)
 
     # Timers -----------------------------------------------------------------------------------------
     def _timers(self, now: float) -> None:
-        if self.restart_at is not None and now >= self.restart_at and self.state is CoreDnsState.BACKOFF:
-            self._launch(f"restart after {self.cause}")
-        if (
-            self.start_deadline is not None
-            and now >= self.start_deadline
-            and self.state is CoreDnsState.STARTING
-        ):
-            self._kill_and_fail(
-                f"not answering on every local address {self.timing.start_timeout:.0f}s after launch"
-                + self._last_output(),
-                "unhealthy",
-            )
-        if self.reload is not None and now >= self.reload.deadline:
-            self._reload_failed(f"no reload confirmation within {self.timing.reload_timeout:.0f}s")
+        for inst in self.instances:
+            self._instance_timers(inst, now)
         if self.retry_render_at is not None and now >= self.retry_render_at:
             self.retry_render_at = None
             self._apply_config("retry after a failed reload")
@@ -423,18 +444,55 @@ class Supervisor:
             self._next_heartbeat = now + self.timing.heartbeat
             self._heartbeat()
 
+    def _instance_timers(self, inst: Instance, now: float) -> None:
+        if inst.restart_at is not None and now >= inst.restart_at and inst.state is CoreDnsState.BACKOFF:
+            self._launch(inst, f"restart after {inst.cause}")
+        if (
+            inst.start_deadline is not None
+            and now >= inst.start_deadline
+            and inst.state is CoreDnsState.STARTING
+        ):
+            self._kill_and_fail(
+                inst,
+                f"not answering on every local address {self.timing.start_timeout:.0f}s after launch"
+                + self._last_output(inst),
+                "unhealthy",
+            )
+        if inst.reload is not None and now >= inst.reload.deadline:
+            self._reload_failed(inst, f"no reload confirmation within {self.timing.reload_timeout:.0f}s")
+
     # Actions ----------------------------------------------------------------------------------------
-    def _set_state(self, state: CoreDnsState, cause: str) -> None:
-        if state is self.state and cause == self.cause:
+    def _which(self, inst: Instance) -> dict[str, int]:
+        """The instance's number for its log events, when there are twins (one instance: as ever)."""
+        return {"instance": inst.index} if len(self.instances) > 1 else {}
+
+    def _set_state(self, inst: Instance, state: CoreDnsState, cause: str) -> None:
+        if state is inst.state and cause == inst.cause:
             return
-        self.metrics.coredns_state.labels(str(self.state)).set(0)
-        self.metrics.coredns_state.labels(str(state)).set(1)
-        before, self.state, self.cause = self.state, state, cause
+        before, inst.state, inst.cause = inst.state, state, cause
+        self.state, self.cause = self._summary()
+        for each in CoreDnsState:
+            self.metrics.coredns_state.labels(str(each)).set(sum(i.state is each for i in self.instances))
         self._update_serving()
-        log.info(
-            "coredns state", **{"from": str(before), "to": str(state)}, cause=cause, serving=self.serving
-        )
+        log.info("coredns state", **{"from": str(before), "to": str(state)}, cause=cause,
+                 serving=self.serving, **self._which(inst))  # fmt: skip
         self._publish()
+
+    def _summary(self) -> tuple[CoreDnsState, str]:
+        """The node's state: the best any instance is in (RUNNING while one twin runs) and why."""
+        if len(self.instances) == 1:
+            return self.instances[0].state, self.instances[0].cause
+        order = (CoreDnsState.RUNNING, CoreDnsState.STARTING, CoreDnsState.BACKOFF, CoreDnsState.STOPPING)
+        states = {inst.state for inst in self.instances}
+        best = next((state for state in order if state in states), CoreDnsState.STOPPED)
+        causes = {inst.cause for inst in self.instances}
+        if len(states) == 1 and len(causes) == 1:
+            return best, causes.pop()
+        running = sum(inst.state is CoreDnsState.RUNNING for inst in self.instances)
+        others = "; ".join(
+            f"instance {i.index} {i.state}: {i.cause}" for i in self.instances if i.state is not best
+        )
+        return best, f"{running} of {len(self.instances)} instances running; {others}"
 
     def _update_serving(self) -> bool:
         """``serving`` follows what is true: CoreDNS healthy *and* the packet filter's rules verified in
@@ -455,53 +513,74 @@ class Supervisor:
             self.ever_ready = True
             self.notifier.ready("serving DNS")
 
-    def _launch(self, cause: str) -> None:
-        self.restart_at = None
-        if self.child is not None:
-            self.child.kill_group()
-            self.child.wait(timeout=2.0)
-        self._forget_child()
+    def _launch(self, inst: Instance, cause: str) -> None:
+        inst.restart_at = None
+        if inst.child is not None:
+            inst.child.kill_group()
+            inst.child.wait(timeout=2.0)
+        self._forget_child(inst)
         if self.corefile_text is None:
-            self._backoff("no valid Corefile yet: fix the template or ConfigMap", "start_failed", count=False)
+            cause = "no valid Corefile yet: fix the template or ConfigMap"
+            self._backoff(inst, cause, "start_failed", count=False)
             return
-        self.oom_kills_at_start = self.cgroup.oom_kills() if self.cgroup else None
-        child = self.launcher(self.post)
+        inst.oom_kills_at_start = self.cgroup.oom_kills() if self.cgroup else None
+        child = self.launcher(self.post, inst.index)
         try:
             pid = child.start()
         except CoreDnsStartError as exc:
-            self._backoff(str(exc), "start_failed")
+            self._backoff(inst, str(exc), "start_failed")
             return
-        self.child = child
-        self.start_deadline = self.clock() + self.timing.start_timeout
-        self._start_prober()
-        self._set_state(CoreDnsState.STARTING, f"{cause}: launched pid {pid}")
+        inst.child = child
+        inst.start_deadline = self.clock() + self.timing.start_timeout
+        self._start_prober(inst)
+        self._set_state(inst, CoreDnsState.STARTING, f"{cause}: launched pid {pid}")
 
-    def _forget_child(self) -> None:
+    def _forget_child(self, inst: Instance) -> None:
         """Everything that belonged to the previous child goes with it."""
-        self._stop_prober()
-        self._forget_reload("coredns replaced")
-        self.child = None
-        self.probe_failures = self.wrong_answers = 0
-        self.start_deadline = None
-        self.reload_when_healthy = None
+        self._stop_prober(inst)
+        self._forget_reload(inst, "coredns replaced")
+        inst.child = None
+        inst.probe_failures = inst.wrong_answers = 0
+        inst.start_deadline = None
+        inst.reload_when_healthy = None
 
-    def _start_prober(self) -> None:
-        assert self.child is not None
-        probe = replace(self.probe_settings, health_url=self.health_url())
-        self.prober = self.prober_factory(probe, self.child.pid, self.post)
-        self.prober.start()
+    def _start_prober(self, inst: Instance) -> None:
+        assert inst.child is not None
+        inst.prober = self.prober_factory(self._probe_for(inst), inst.child.pid, self.post)
+        inst.prober.start()
 
-    def _child_listening(self, *, ours: bool = True) -> bool:
-        assert self.child is not None
-        return self.child.listening(self.settings.require_local_ips(), self.settings.dns_port, ours=ours)
+    def _probe_for(self, inst: Instance) -> ProbeSettings:
+        """What the instance's prober asks. One CoreDNS: the probe zone on every local address (the node's
+        data path) and /health. Twins share those sockets, and the kernel hands a probe to any of them, so
+        each twin is asked on its own port (``--coredns-probe-port`` + its number, on the first local
+        address), where only it answers."""
+        if len(self.instances) == 1:
+            return replace(self.probe_settings, health_url=self.health_url())
+        return replace(
+            self.probe_settings,
+            addresses=self.probe_settings.addresses[:1],
+            port=self.settings.coredns_probe_port + inst.index,
+            mark=None,
+            health_url=None,
+        )
+
+    def _child_listening(self, inst: Instance) -> bool:
+        assert inst.child is not None
+        return inst.child.listening(self.settings.require_local_ips(), self.settings.dns_port)
+
+    def _others_listening(self) -> bool:
+        """Another agent's CoreDNS has bound every local address: a process none of our instances is."""
+        children = [inst.child for inst in self.instances if inst.child is not None]
+        ips, port = self.settings.require_local_ips(), self.settings.dns_port
+        return bool(children) and children[0].listening(ips, port, ours=False, also=children[1:])
 
     def _await_other_coredns(self, deadline: float) -> None:
         """Handing the node to another agent: its CoreDNS must have bound the addresses before ours stops
         (the other agent may not be serving yet), or pods on the link-local address would find no one."""
-        if self.child is None or self.child.wait(timeout=0) is not None:
+        if not any(i.child is not None and i.child.wait(timeout=0) is None for i in self.instances):
             return
         until = min(deadline, time.monotonic() + self.timing.handover_wait)
-        while not self._child_listening(ours=False):
+        while not self._others_listening():
             if time.monotonic() >= until:
                 wait = self.timing.handover_wait
                 log.warning(
@@ -511,56 +590,57 @@ class Supervisor:
             self.sleep(0.05)
         log.info("the other agent's coredns listens", cause="handing the node over")
 
-    def _became_healthy(self) -> None:
-        self.start_deadline = None
-        self.healthy_since = self.clock()
+    def _became_healthy(self, inst: Instance) -> None:
+        inst.start_deadline = None
+        inst.healthy_since = self.clock()
         self.network.install_rules(host_rules=True)
-        self._set_state(CoreDnsState.RUNNING, "answering on every local address")
-        if self.reload_when_healthy is not None:
-            cause, self.reload_when_healthy = self.reload_when_healthy, None
-            self._send_reload(f"{cause} (while coredns was starting)")
+        self._set_state(inst, CoreDnsState.RUNNING, "answering on every local address")
+        if inst.reload_when_healthy is not None:
+            cause, inst.reload_when_healthy = inst.reload_when_healthy, None
+            self._send_reload(inst, f"{cause} (while coredns was starting)")
 
-    def _host_rules_off(self) -> None:
-        if self.settings.host_failover:
+    def _fail(self, inst: Instance, cause: str, label: str) -> None:
+        """CoreDNS is gone or useless: host traffic back to kube-dns now (unless a twin still serves),
+        restart after a backoff."""
+        twin_serves = any(i.state is CoreDnsState.RUNNING for i in self.instances if i is not inst)
+        if self.settings.host_failover and not twin_serves:
             self.network.set_host_rules(False)
-
-    def _fail(self, cause: str, label: str) -> None:
-        """CoreDNS is gone or useless: host traffic back to kube-dns now, restart after a backoff."""
-        self._host_rules_off()
-        self._stop_prober()
+        self._stop_prober(inst)
         self.metrics.coredns_restarts.labels(label).inc()
         if (
-            self.healthy_since is not None
-            and self.clock() - self.healthy_since >= self.timing.backoff_reset_after
+            inst.healthy_since is not None
+            and self.clock() - inst.healthy_since >= self.timing.backoff_reset_after
         ):
-            self.failures = 0
-        self.healthy_since = None
-        self._backoff(cause, label)
+            inst.failures = 0
+        inst.healthy_since = None
+        self._backoff(inst, cause, label)
 
-    def _kill_and_fail(self, cause: str, label: str) -> None:
-        self._fail(cause, label)
-        if self.child is not None:
-            self.child.kill_group()
+    def _kill_and_fail(self, inst: Instance, cause: str, label: str) -> None:
+        self._fail(inst, cause, label)
+        if inst.child is not None:
+            inst.child.kill_group()
 
-    def _backoff(self, cause: str, label: str, count: bool = True) -> None:
+    def _backoff(self, inst: Instance, cause: str, label: str, count: bool = True) -> None:
         if count:
-            self.failures += 1
-        delay = min(self.timing.backoff_max, self.timing.backoff_base * 2 ** max(0, self.failures - 1))
-        self.start_deadline = None
-        self.restart_delay = delay
-        self.restart_at = self.clock() + delay
-        self._set_state(CoreDnsState.BACKOFF, f"{cause}; restarting in {delay:.2f}s")
+            inst.failures += 1
+        delay = min(self.timing.backoff_max, self.timing.backoff_base * 2 ** max(0, inst.failures - 1))
+        inst.start_deadline = None
+        inst.restart_delay = delay
+        inst.restart_at = self.clock() + delay
+        self._set_state(inst, CoreDnsState.BACKOFF, f"{cause}; restarting in {delay:.2f}s")
         if label == "start_failed" and count:
             self.metrics.coredns_restarts.labels(label).inc()
 
-    def _stop_prober(self) -> None:
-        if self.prober is not None:
-            self.prober.stop()
-            self.prober = None
+    @staticmethod
+    def _stop_prober(inst: Instance) -> None:
+        if inst.prober is not None:
+            inst.prober.stop()
+            inst.prober = None
 
-    def _last_output(self) -> str:
-        if self.child is not None and self.child.recent_output:
-            return f" (last output: {self.child.recent_output[-1]})"
+    @staticmethod
+    def _last_output(inst: Instance) -> str:
+        if inst.child is not None and inst.child.recent_output:
+            return f" (last output: {inst.child.recent_output[-1]})"
         return ""
 
     # Configuration ----------------------------------------------------------------------------------
@@ -592,42 +672,44 @@ class Supervisor:
         previous = self.corefile_text
         changed = self._render(cause)
         if previous is None:
-            if self.corefile_text is not None and self.state is CoreDnsState.BACKOFF:
-                self.restart_at = self.clock()  # the first valid Corefile: start now
+            for inst in self.instances:
+                if self.corefile_text is not None and inst.state is CoreDnsState.BACKOFF:
+                    inst.restart_at = self.clock()  # the first valid Corefile: start now
             return
         if not changed and not force:
             return
-        if self.child is None or self.state is CoreDnsState.BACKOFF:
-            return  # the next launch reads the file as it is now
-        if self.state is CoreDnsState.STARTING:
-            # It may have read the file before this write: reload once it answers, not while it binds.
-            self.reload_when_healthy = cause
-            return
-        self._send_reload(cause, previous)
+        for inst in self.instances:
+            if inst.child is None or inst.state is CoreDnsState.BACKOFF:
+                continue  # the next launch reads the file as it is now
+            if inst.state is CoreDnsState.STARTING:
+                # It may have read the file before this write: reload once it answers, not while it binds.
+                inst.reload_when_healthy = cause
+                continue
+            self._send_reload(inst, cause, previous)
 
-    def _send_reload(self, cause: str, previous: str | None = None) -> None:
-        assert self.child is not None
+    def _send_reload(self, inst: Instance, cause: str, previous: str | None = None) -> None:
+        assert inst.child is not None
         # A reload still pending keeps the Corefile that was last confirmed as the one to fall back to.
-        confirmed = self.reload.previous if self.reload is not None else previous or self.corefile_text
+        confirmed = inst.reload.previous if inst.reload is not None else previous or self.corefile_text
         assert confirmed is not None
-        self.reload = _Reload(self.child.pid, self.clock() + self.timing.reload_timeout, confirmed)
-        self.child.signal(signal.SIGUSR1)
-        log.info("coredns reload requested", cause=cause)
+        inst.reload = _Reload(inst.child.pid, self.clock() + self.timing.reload_timeout, confirmed)
+        inst.child.signal(signal.SIGUSR1)
+        log.info("coredns reload requested", cause=cause, **self._which(inst))
 
-    def _forget_reload(self, why: str) -> None:
+    def _forget_reload(self, inst: Instance, why: str) -> None:
         """A reload in flight belongs to its child: once the child is gone, the next one reads the current
         file at start, so the reload is neither confirmed nor failed."""
-        if self.reload is not None:
-            log.info("coredns reload dropped", cause=why, pid=self.reload.pid)
-            self.reload = None
+        if inst.reload is not None:
+            log.info("coredns reload dropped", cause=why, pid=inst.reload.pid)
+            inst.reload = None
 
-    def _reload_failed(self, why: str) -> None:
-        assert self.reload is not None
-        previous, self.reload = self.reload.previous, None
+    def _reload_failed(self, inst: Instance, why: str) -> None:
+        assert inst.reload is not None
+        previous, inst.reload = inst.reload.previous, None
         self.metrics.reloads.labels("failed").inc()
         self.retry_render_at = self.clock() + self.timing.reload_retry
         log.error("coredns reload failed", cause=why, keeping="the previous Corefile",
-                  retry_in=self.timing.reload_retry)  # fmt: skip
+                  retry_in=self.timing.reload_retry, **self._which(inst))  # fmt: skip
         # CoreDNS keeps serving the old configuration; put the old file back so a restart uses it too.
         try:
             self.corefile.write(previous)
@@ -653,20 +735,22 @@ class Supervisor:
         self._check_threads()
         self._write_status()
         self.notifier.watchdog()
-        memory = self.child.memory() if self.child is not None else None
-        if memory is not None:
-            self.peak_rss = max(self.peak_rss, memory[1])
-            self.metrics.coredns_rss.set(memory[0])
+        memories = [m for i in self.instances if i.child is not None and (m := i.child.memory()) is not None]
+        if memories:
+            self.peak_rss = max(self.peak_rss, sum(peak for _, peak in memories))
+            self.metrics.coredns_rss.set(sum(resident for resident, _ in memories))
             self.metrics.coredns_peak_rss.set(self.peak_rss)
 
     def _check_threads(self) -> None:
         """A background thread that died is noticed here. The prober belongs to one child and starts again;
         a dead watcher means missed changes for good, so the agent fails (the run's boundary shuts down
         cleanly and exits non-zero) rather than limp on."""
-        if self.prober is not None and not self.prober.alive:
-            log.error("prober restarted", cause="its thread died", pid=self.child.pid if self.child else None)
-            self.metrics.thread_restarts.labels("prober").inc()
-            self._start_prober()
+        for inst in self.instances:
+            if inst.prober is not None and not inst.prober.alive:
+                log.error("prober restarted", cause="its thread died",
+                          pid=inst.child.pid if inst.child else None, **self._which(inst))  # fmt: skip
+                self.metrics.thread_restarts.labels("prober").inc()
+                self._start_prober(inst)
         for what, alive in (
             ("network", self.network.watchers_alive),
             ("config", self.corefile.watchers_alive),
@@ -675,9 +759,11 @@ class Supervisor:
                 raise ThreadDiedError(f"a {what} watcher thread died")
 
     def _healthy_for(self) -> float:
-        """Seconds since CoreDNS last became healthy, at scrape time; 0 while it is not."""
-        since = self.healthy_since
-        return self.clock() - since if since is not None and self.state.serving else 0.0
+        """Seconds since CoreDNS last became healthy, at scrape time; 0 while it is not (twins: the longest
+        a running one has been)."""
+        now = self.clock()
+        since = [i.healthy_since for i in self.instances if i.healthy_since is not None and i.state.serving]
+        return now - min(since) if since else 0.0
 
     def _write_status(self) -> None:
         status = Status(
@@ -705,7 +791,7 @@ class Supervisor:
         cause = self.stop.reason or "shutdown"
         self.stop.request(cause)  # operations other than the shutdown's own now fail at once
         log.info("agent stopping", cause=cause)
-        self._run_steps([("announce", lambda: self._stopping(cause)), ("prober", self._stop_prober)])
+        self._run_steps([("announce", lambda: self._stopping(cause)), ("probers", self._stop_probers)])
         # Another agent on the node (a surge upgrade) keeps the rules and the interface: only the last agent
         # out removes them. Its CoreDNS shares the sockets, so stopping ours loses no query.
         with self.network.leaving(self._left(deadline, self.timing.shutdown_budget / 2)) as last:
@@ -730,6 +816,8 @@ class Supervisor:
         ])  # fmt: skip
         if last and self.settings.skip_teardown:
             log.info("networking left in place", cause="-skipteardown")
+        for inst in self.instances:
+            inst.state, inst.cause = CoreDnsState.STOPPED, cause
         self.state, self.cause = CoreDnsState.STOPPED, cause
         log.info("agent stopped", seconds=round(time.monotonic() - started, 3))
         return 0
@@ -754,19 +842,27 @@ class Supervisor:
 
     def _stopping(self, cause: str) -> None:
         self.notifier.stopping()
-        self._set_state(CoreDnsState.STOPPING, cause)
+        for inst in self.instances:
+            self._set_state(inst, CoreDnsState.STOPPING, cause)
+
+    def _stop_probers(self) -> None:
+        for inst in self.instances:
+            self._stop_prober(inst)
 
     def _drain(self, deadline: float) -> None:
         self.sleep(self._left(deadline, self.timing.drain))
 
     def _stop_coredns(self, deadline: float) -> None:
-        if self.child is None:
-            return
-        self.child.signal(signal.SIGTERM)
-        if self.child.wait(timeout=self._left(deadline, self.timing.stop_grace)) is None:
-            log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace)
-            self.child.kill_group()
-            self.child.wait(timeout=1.0)
+        """Every instance at once: SIGTERM to all, then each waited for within the grace."""
+        children = [inst.child for inst in self.instances if inst.child is not None]
+        for child in children:
+            child.signal(signal.SIGTERM)
+        for child in children:
+            if child.wait(timeout=self._left(deadline, self.timing.stop_grace)) is None:
+                log.warning("coredns did not stop in time, killing it", grace=self.timing.stop_grace,
+                            pid=child.pid)  # fmt: skip
+                child.kill_group()
+                child.wait(timeout=1.0)
 
 
 def _signal_name(signum: int) -> str:

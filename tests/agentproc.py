@@ -253,11 +253,18 @@ class AgentProcess:
 
     def coredns_pid(self) -> int | None:
         """The CoreDNS child of this agent, if one runs."""
+        pids = self.coredns_pids()
+        return pids[0] if pids else None
+
+    def coredns_pids(self) -> list[int]:
+        """Every CoreDNS child of this agent (twins: one per instance), oldest first."""
+        found: list[tuple[float, int]] = []
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.agent_pid()).children(recursive=True):
-                if Path(child.exe()).name == "coredns":
-                    return child.pid
-        return None
+                with contextlib.suppress(psutil.Error):
+                    if Path(child.exe()).name == "coredns":
+                        found.append((child.create_time(), child.pid))
+        return [pid for _, pid in sorted(found)]
 
     def events(self) -> list[dict[str, object]]:
         out = []

@@ -81,6 +81,10 @@ def test_gomemlimit_leaves_a_fifth_of_the_limit_to_the_agent() -> None:
     assert gomemlimit_for(170 << 20) == "136MiB"
 
 
+def test_twins_share_the_limit_evenly() -> None:
+    assert gomemlimit_for(200 << 20, instances=2) == "80MiB"
+
+
 def test_v1_in_a_container_without_a_cgroup_namespace_reads_its_own_cgroup_mounted_at_the_root(
     tmp_path: Path,
 ) -> None:

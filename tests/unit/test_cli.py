@@ -84,6 +84,16 @@ def test_defaults_are_node_caches() -> None:
         (["--serve-stale=-1s"], "argument --serve-stale: '-1s' is not a duration"),
         (["--serve-stale=-60"], "agent: --serve-stale: -60.0s is negative (0 turns it off)"),
         (["--serve-stale-mode", "verified"], "invalid choice: 'verified'"),
+        (["--coredns-instances", "0"], "agent: --coredns-instances: 0 is outside 1..8"),
+        (["--coredns-instances", "two"], "argument --coredns-instances: invalid int value: 'two'"),
+        (
+            ["--coredns-instances", "2", "--coredns-probe-port", "65535"],
+            "agent: --coredns-probe-port: 65535-65536 (one per instance) are not port numbers",
+        ),
+        (
+            ["--coredns-instances", "3", "--coredns-probe-port", "8079"],
+            "agent: --coredns-probe-port: ports 8079-8081 (one per instance) take the DNS or health port",
+        ),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(

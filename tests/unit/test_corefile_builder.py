@@ -249,3 +249,17 @@ def test_print_corefile_exits_non_zero_with_the_error_on_stderr(
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "agent: upstreamNameservers: 4 nameservers is more than the 3 kube-dns allows\n"
+
+
+def test_twins_get_the_probe_zone_on_a_port_each_instance_reads_from_its_environment(
+    settings: Settings,
+) -> None:
+    one = builder(settings).build().text
+    assert "{$" not in one  # one CoreDNS: the Corefile as ever
+    text = builder(replace(settings, coredns_instances=2)).build().text
+    assert text.startswith(one)
+    assert text[len(one) :] == (
+        "health.node-local-dns:{$NODE_LOCAL_DNS_PROBE_PORT} {\n    bind 169.254.20.10\n"
+        "    template IN A health.node-local-dns {\n"
+        '        answer "{{ .Name }} 0 IN A 127.0.0.1"\n    }\n}\n'
+    )

@@ -135,6 +135,7 @@ class FakeChild:
         self.pid = 0
         self.recent_output: deque[str] = deque(maxlen=20)
         self.alive = False
+        self.index = 0  # the instance it was launched for
 
     def start(self) -> int:
         from agent.coredns import CoreDnsStartError
@@ -162,7 +163,7 @@ class FakeChild:
     def memory(self) -> tuple[int, int] | None:
         return (10 << 20, 12 << 20) if self.alive else None
 
-    def listening(self, ips: object, port: int, *, ours: bool = True) -> bool:
+    def listening(self, ips: object, port: int, *, ours: bool = True, also: object = ()) -> bool:
         return self.alive if ours else self.others_listening
 
     others_listening = True  # another agent's CoreDNS has bound the addresses
@@ -198,20 +199,23 @@ class Harness:
         self.sup.handle(ChildExited(self.child.pid, returncode))
 
     def advance_to_restart(self) -> None:
-        assert self.sup.restart_at is not None
-        self.sup._timers(self.sup.restart_at)
+        assert self.sup.instances[0].restart_at is not None
+        self.sup._timers(self.sup.instances[0].restart_at)
 
 
-def build(tmp_path: Path, **kw: object) -> Harness:
+def build(tmp_path: Path, instances: int = 1, **kw: object) -> Harness:
     calls = Calls()
     children: list[FakeChild] = []
 
-    def launcher(post: Callable[[Event], None]) -> FakeChild:
+    def launcher(post: Callable[[Event], None], index: int) -> FakeChild:
         children.append(FakeChild(calls))
+        children[-1].index = index
         return children[-1]
 
     settings = Settings(
-        local_ips=(ipaddress.ip_address("169.254.20.10"),), status_file=tmp_path / "status.json"
+        local_ips=(ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10")),
+        status_file=tmp_path / "status.json",
+        coredns_instances=instances,
     )
     corefile, network = FakeCorefile(calls), FakeNetwork(calls)
     sup = Supervisor(
@@ -221,8 +225,7 @@ def build(tmp_path: Path, **kw: object) -> Harness:
         launcher=launcher,  # type: ignore[arg-type]
         probe_settings=ProbeSettings(settings.local_ips, 53, "probe.test.", None),
         cgroup=FakeCgroup(),
-        prober_factory=_NoProber,  # these tests feed ProbeResults by hand
-        **kw,  # type: ignore[arg-type]
+        **{"prober_factory": _NoProber, **kw},  # type: ignore[arg-type]  # most feed ProbeResults by hand
     )
     return Harness(sup, calls, corefile, network, children)
 
@@ -269,7 +272,7 @@ def test_backoff_doubles_with_consecutive_failures_and_is_capped(h: Harness) -> 
     delays = []
     for _ in range(8):
         h.exit(2)
-        delays.append(h.sup.restart_delay)
+        delays.append(h.sup.instances[0].restart_delay)
         h.advance_to_restart()
     assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
@@ -292,7 +295,7 @@ def test_a_round_the_kernel_confirms_stalled_kills_a_running_coredns_at_once(h: 
     stalled = "no answer from 169.254.20.10:53 for 0.20s, coredns read none of the 180 bytes waiting"
     h.sup.handle(ProbeResult(h.child.pid, False, stalled, 0.2, silent=True, stalled=True))
     assert h.sup.state is CoreDnsState.STARTING  # starting: one silent round, as before, no kill yet
-    assert h.sup.probe_failures == 1
+    assert h.sup.instances[0].probe_failures == 1
     h.probe(ok=True)
     pid = h.child.pid
     h.sup.handle(ProbeResult(pid, False, stalled, 0.2, silent=True, stalled=True))
@@ -351,9 +354,9 @@ def test_a_changed_configuration_reloads_coredns_and_waits_for_its_confirmation(
     h.probe(ok=True)
     h.sup.handle(ApiConfigMap({"stubDomains": '{"acme.local": ["10.244.2.10"]}'}))
     assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
-    assert h.sup.reload is not None
+    assert h.sup.instances[0].reload is not None
     h.sup.handle(ChildOutput(h.child.pid, "[INFO] Reloading complete"))
-    assert h.sup.reload is None
+    assert h.sup.instances[0].reload is None
     assert h.sup.metrics.reloads.labels("ok")._value.get() == 1
 
 
@@ -411,7 +414,7 @@ def test_skipteardown_leaves_the_networking_but_not_the_host_rules(tmp_path: Pat
 
 
 def test_a_missing_binary_keeps_the_agent_running_in_backoff(h: Harness) -> None:
-    h.sup.launcher = lambda post: FakeChild(h.calls, fail_start=True)  # type: ignore[assignment, return-value]
+    h.sup.launcher = lambda post, index=0: FakeChild(h.calls, fail_start=True)  # type: ignore[assignment, return-value]
     h.exit(1)
     h.advance_to_restart()
     assert h.sup.state is CoreDnsState.BACKOFF
@@ -552,8 +555,8 @@ def test_a_dead_prober_is_started_again_for_the_same_child(h: Harness) -> None:
     h.sup.prober_factory = Prober  # type: ignore[assignment]
     h.exit(1)
     h.advance_to_restart()
-    assert h.sup.prober is not None
-    h.sup.prober.alive = False  # type: ignore[misc]
+    assert h.sup.instances[0].prober is not None
+    h.sup.instances[0].prober.alive = False  # type: ignore[misc]
     h.sup._timers(h.sup._next_heartbeat)
     assert started == [h.child.pid, h.child.pid]
     assert sample(h.sup.metrics, "nodelocaldns_agent_thread_restarts_total", thread="prober") == 1
@@ -563,7 +566,7 @@ def test_a_crash_during_a_reload_keeps_the_new_corefile_and_counts_no_failed_rel
     h.probe(ok=True)
     h.corefile.text = "corefile v2"
     h.sup.handle(ConfigChanged("template"))
-    assert h.sup.reload is not None
+    assert h.sup.instances[0].reload is not None
     h.exit(-9)  # CoreDNS dies before it confirms
     h.advance_to_restart()  # the new CoreDNS reads v2 from the file
     h.probe(ok=True)
@@ -590,7 +593,7 @@ def test_a_change_while_coredns_starts_is_reloaded_once_it_answers_not_before(h:
     assert not any("SIGUSR1" in c for c in h.calls.log)  # not to a CoreDNS still binding its sockets
     h.probe(ok=True)
     assert h.calls.log[-1] == f"signal {h.child.pid} SIGUSR1"
-    assert h.sup.reload is not None and h.sup.reload.pid == h.child.pid
+    assert h.sup.instances[0].reload is not None and h.sup.instances[0].reload.pid == h.child.pid
 
 
 def test_a_failed_first_install_is_not_reported_as_serving_until_the_rules_are_in(tmp_path: Path) -> None:
@@ -679,3 +682,133 @@ def test_failed_probes_from_before_the_rules_were_repaired_do_not_count(h: Harne
     for _ in range(3):  # later silence is CoreDNS's own
         h.sup.handle(ProbeResult(h.child.pid, False, silent, 0.5, silent=True, at=time.monotonic()))
     assert h.sup.state is CoreDnsState.BACKOFF
+
+
+# Twins (--coredns-instances 2) ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def twins(tmp_path: Path) -> Harness:
+    harness = build(tmp_path, instances=2)
+    harness.sup.start()
+    return harness
+
+
+def _of(h: Harness, index: int) -> FakeChild:
+    """The newest child launched for instance ``index``."""
+    return [c for c in h.children if c.index == index][-1]
+
+
+def _answer(h: Harness, index: int) -> None:
+    h.sup.handle(ProbeResult(_of(h, index).pid, True, "ok", 0.001))
+
+
+def test_twins_start_together_and_the_node_serves_once_the_first_answers(twins: Harness) -> None:
+    h = twins
+    assert [c.index for c in h.children] == [0, 1]
+    assert h.sup.state is CoreDnsState.STARTING
+    _answer(h, 1)
+    assert h.sup.state is CoreDnsState.RUNNING and h.sup.serving
+    assert h.sup.instances[0].state is CoreDnsState.STARTING
+    assert "1 of 2 instances running" in h.sup.cause
+    _answer(h, 0)
+    assert h.sup.cause == "answering on every local address"
+    assert sum(1 for c in h.calls.log if c.startswith("install_rules")) == 1
+    assert sample(h.sup.metrics, "nodelocaldns_agent_coredns_state", state="running") == 2
+
+
+def test_a_twin_that_crashes_restarts_alone_and_the_host_keeps_the_cache(twins: Harness) -> None:
+    h = twins
+    _answer(h, 0)
+    _answer(h, 1)
+    survivor, crashed = _of(h, 1), _of(h, 0)
+    crashed.alive = False
+    h.sup.handle(ChildExited(crashed.pid, -9))
+    assert "host_rules(False)" not in h.calls.log  # the twin still serves the node's own queries
+    assert h.sup.state is CoreDnsState.RUNNING and h.sup.serving
+    assert h.sup.instances[0].state is CoreDnsState.BACKOFF
+    assert "instance 0 backoff: terminated by SIGKILL" in h.sup.cause
+    restart_at = h.sup.instances[0].restart_at
+    assert restart_at is not None
+    h.sup._timers(restart_at)
+    assert _of(h, 0).pid != crashed.pid and _of(h, 1) is survivor and survivor.alive
+    assert f"kill {survivor.pid}" not in h.calls.log
+    _answer(h, 0)
+    assert h.sup.cause == "answering on every local address"
+
+
+def test_a_hung_twin_is_killed_alone_and_when_both_are_down_host_traffic_falls_back(twins: Harness) -> None:
+    h = twins
+    _answer(h, 0)
+    _answer(h, 1)
+    stalled = "no answer from 169.254.20.10:5302 for 0.20s, coredns read none of the 90 bytes waiting"
+    hung = _of(h, 1)
+    h.sup.handle(ProbeResult(hung.pid, False, stalled, 0.2, silent=True, stalled=True))
+    assert f"kill {hung.pid}" in h.calls.log and "host_rules(False)" not in h.calls.log
+    assert f"kill {_of(h, 0).pid}" not in h.calls.log
+    _of(h, 0).alive = False
+    h.sup.handle(ChildExited(_of(h, 0).pid, 2))
+    assert h.calls.log[-1] == "host_rules(False)"  # no twin left serving: the node's queries to kube-dns
+    assert h.sup.state is CoreDnsState.BACKOFF and not h.sup.serving
+
+
+def test_each_twin_is_probed_on_its_own_port_and_a_probe_of_one_says_nothing_of_the_other(
+    tmp_path: Path,
+) -> None:
+    asked: list[tuple[int, ProbeSettings]] = []
+
+    class Prober(_NoProber):
+        def __init__(self, settings: ProbeSettings, pid: int, post: object) -> None:
+            asked.append((pid, settings))
+
+    h = build(tmp_path, instances=2, prober_factory=Prober)
+    h.sup.start()
+    ports = {pid: (s.addresses, s.port, s.mark, s.health_url) for pid, s in asked}
+    first = (ipaddress.ip_address("169.254.20.10"),)
+    assert ports == {_of(h, 0).pid: (first, 5301, None, None), _of(h, 1).pid: (first, 5302, None, None)}
+    for _ in range(3):
+        h.sup.handle(ProbeResult(_of(h, 0).pid, False, "no answer from 169.254.20.10:5301", 0.5, True))
+    assert h.sup.instances[0].state is CoreDnsState.BACKOFF
+    assert h.sup.instances[1].state is CoreDnsState.STARTING
+
+
+def test_one_instance_is_probed_on_every_local_address_as_before(tmp_path: Path) -> None:
+    asked: list[ProbeSettings] = []
+
+    class Prober(_NoProber):
+        def __init__(self, settings: ProbeSettings, pid: int, post: object) -> None:
+            asked.append(settings)
+
+    h = build(tmp_path, prober_factory=Prober, health_url=lambda: "http://169.254.20.10:8080/health")
+    h.sup.start()
+    assert [(s.addresses, s.port, s.health_url) for s in asked] == [
+        (h.sup.settings.local_ips, 53, "http://169.254.20.10:8080/health")
+    ]
+
+
+def test_a_change_reloads_every_running_twin_and_waits_for_a_starting_one(twins: Harness) -> None:
+    h = twins
+    _answer(h, 0)
+    h.corefile.text = "corefile v2"
+    h.sup.handle(ConfigChanged("template"))
+    assert f"signal {_of(h, 0).pid} SIGUSR1" in h.calls.log
+    assert f"signal {_of(h, 1).pid} SIGUSR1" not in h.calls.log
+    _answer(h, 1)
+    assert h.calls.log[-1] == f"signal {_of(h, 1).pid} SIGUSR1"
+    for index in (0, 1):
+        h.sup.handle(ChildOutput(_of(h, index).pid, "[INFO] Reloading complete"))
+    assert sample(h.sup.metrics, "nodelocaldns_agent_reloads_total", result="ok") == 2
+    assert all(inst.reload is None for inst in h.sup.instances)
+
+
+def test_shutdown_stops_every_twin_after_the_rules(twins: Harness) -> None:
+    h = twins
+    _answer(h, 0)
+    _answer(h, 1)
+    h.sup.stop.request("received SIGTERM")
+    assert h.sup.shutdown() == 0
+    pids = [_of(h, 0).pid, _of(h, 1).pid]
+    stop = h.calls.log[h.calls.log.index("remove_rules") :]
+    assert stop[:3] == ["remove_rules", f"signal {pids[0]} SIGTERM", f"signal {pids[1]} SIGTERM"]
+    assert not any(c.alive for c in h.children)
+    assert h.sup.state is CoreDnsState.STOPPED

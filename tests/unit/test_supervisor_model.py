@@ -109,7 +109,7 @@ class Child:
     def wait(self, timeout: float) -> int | None:
         return None if self.alive else 0
 
-    def listening(self, ips: object, port: int, *, ours: bool = True) -> bool:
+    def listening(self, ips: object, port: int, *, ours: bool = True, also: object = ()) -> bool:
         return self.alive and ours
 
     def memory(self) -> tuple[int, int] | None:
@@ -223,7 +223,7 @@ class SupervisorModel(RuleBasedStateMachine):
             settings=s,
             network=network,
             corefile=self.corefile,
-            launcher=lambda post: Child(self),  # type: ignore[arg-type, return-value]
+            launcher=lambda post, index=0: Child(self),  # type: ignore[arg-type, return-value]
             probe_settings=ProbeSettings(LOCAL_IPS, 53, "health.node-local-dns.", None),
             metrics=metrics,
             notifier=self.notifier,
@@ -423,9 +423,9 @@ class SupervisorModel(RuleBasedStateMachine):
 
     @invariant()
     def backoff_is_bounded(self) -> None:
-        assert self.sup.restart_delay <= TIMING.backoff_max
-        if self.sup.restart_at is not None and not self.stopped:
-            assert self.sup.restart_at - self.clock.now <= TIMING.backoff_max
+        assert self.sup.instances[0].restart_delay <= TIMING.backoff_max
+        if self.sup.instances[0].restart_at is not None and not self.stopped:
+            assert self.sup.instances[0].restart_at - self.clock.now <= TIMING.backoff_max
 
     @invariant()
     def every_state_change_is_logged_once_with_a_cause(self) -> None:
