@@ -32,7 +32,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -112,7 +112,9 @@ def _coredns(agent: AgentProcess, what: str) -> int:
 
 
 def _hang_detected(agent: AgentProcess, since: float) -> dict[str, Any]:
-    agent.wait_for(lambda s: s.get("serving") is False, 10.0, "off the local path after a hang")
+    """Once the agent has called the hang (its status names it: the node off the local path, or with twins
+    the hung one in backoff while the other serves)."""
+    agent.wait_for(lambda s: "hung" in str(s.get("detail")), 10.0, "the hang called")
     return {"hang_detected_after_s": round(time.monotonic() - since, 3)}
 
 
@@ -193,12 +195,21 @@ FAULTS: dict[str, Fault] = {
 SERVERS = {"surge_upgrade_link_local": sb.LOCAL_IP}
 
 
-def run_scenario(node: Node, kind: Kind, scenario: str, plan: FailoverPlan) -> dict[str, Any]:
-    """One run on a reset node: an agent of ``kind`` serving, the load, the fault at ``plan.fault_at``.
-    The node is reset afterwards, also on failure."""
+def run_scenario(
+    node: Node,
+    kind: Kind,
+    scenario: str,
+    plan: FailoverPlan,
+    *,
+    server: str | None = None,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One run on a reset node: an agent of ``kind`` serving (with ``extra`` flags), the load (to ``server``
+    or the scenario's address), the fault at ``plan.fault_at``. The node is reset afterwards, also on
+    failure."""
     try:
-        agent = node.start_agent(kind)
-        server = SERVERS.get(scenario, sb.KUBE_DNS_IP)
+        agent = node.start_agent(kind, extra=extra)
+        server = server or SERVERS.get(scenario, sb.KUBE_DNS_IP)
         node.warm(node.box.pod(0), server, [SERVICE])
         load = node.load(rate=plan.rate, duration=plan.duration, server=server)
         start = load.started()

@@ -23,6 +23,7 @@ from bench.failover import TITLES as SCENARIO_TITLES
 from bench.remote import TITLES as REMOTE_TITLES
 from bench.stale import TITLES as STALE_TITLES
 from bench.stats import ratio
+from bench.twins import TITLES as TWINS_TITLES
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
@@ -178,6 +179,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         f"({PLOT_PATH_IN_README})",
         "",
         *_stale_rows(med.get("stale"), plans.get("stale")),
+        *_twins_rows(med.get("twins"), plans.get("twins")),
         "### The agent's own cost (the agent process alone, not CoreDNS)",
         "",
     ]
@@ -256,6 +258,43 @@ def _stale_rows(stale: Mapping[str, Any] | None, plan: Mapping[str, Any] | None)
         "",
         "Every DNS packet to kube-dns dropped (a blackhole) for the whole load; each name was asked once "
         "through the ClusterIP, then the run waited until the cache's entries had expired.",
+        "",
+    ]
+
+
+def _twins_rows(twins: Mapping[str, Any] | None, plan: Mapping[str, Any] | None) -> list[str]:
+    """The twins table: a CoreDNS lost on the link-local address, and what twins cost (nothing when
+    absent)."""
+    if not twins or not plan:
+        return []
+    faults, cache = twins["faults"], twins["cache"]
+
+    def lost(r: Mapping[str, Any]) -> str:
+        return f"{fmt(r['failed'])} ({fmt(r['longest_gap_s'], 's', 3)})"
+
+    def upstream(c: Mapping[str, Any]) -> str:
+        return f"{fmt(c['upstream'])} ({fmt(c['hit_rate'] * 100, '%', 1)} answered from the cache)"
+
+    variants = ("one", "twins")
+    rows = [[TWINS_TITLES[f], *(lost(faults[f][c]) for c in (*variants, "node_cache"))] for f in faults]
+    rows += [
+        [f"sent on to kube-dns, {plan['names']} names asked {plan['asks']} times each",
+         *(upstream(cache[v]) for v in variants), "—"],
+        ["CoreDNS resident memory after that",
+         *(fmt(cache[v]["coredns_rss_mib"], "MiB", 1) for v in variants), "—"],
+    ]  # fmt: skip
+    header = ["", "one CoreDNS (default): failed (gap)", "`--coredns-instances 2`: failed (gap)",
+              "node-cache: failed (gap)"]  # fmt: skip
+    return [
+        f"### CoreDNS twins on the link-local address ({plan['rate']:g} qps from a pod for "
+        f"{plan['duration']:g} s, the fault at {plan['fault_at']:g} s)",
+        "",
+        *table(header, rows),
+        "",
+        "The load goes to the link-local address, where no kube-dns stands behind the cache (IPVS mode, a "
+        "custom dnsConfig). With twins the fault hits one of the two CoreDNS processes; the kernel hands its "
+        "share of the sockets' traffic to the other at once when it dies, and the agent kills a hung one. "
+        "Each twin has its own cache: a name is sent on to kube-dns once per twin that is asked for it.",
         "",
     ]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cost, datapath, failover, remote, report, stale
+from bench import cost, datapath, failover, remote, report, stale, twins
 from bench.node import Node
 from bench.stats import median, median_of_runs
 from tests import sandbox as sb
@@ -39,6 +39,7 @@ class Mode:
     cost: cost.CostPlan
     remote: remote.RemotePlan
     stale: stale.StalePlan
+    twins: twins.TwinsPlan
 
 
 # About 5.5 minutes a repetition on the 2-core machine: 3 repetitions take about 17 minutes.
@@ -50,6 +51,7 @@ FULL = Mode(
     cost.CostPlan(),
     remote.RemotePlan(),
     stale.StalePlan(),
+    twins.TwinsPlan(),
 )
 QUICK = Mode(
     "quick",
@@ -66,6 +68,7 @@ QUICK = Mode(
     ),
     remote.RemotePlan(seconds=0.5, latency_qps=1000, settle=0.5),
     stale.StalePlan(outage=2.0),
+    twins.TwinsPlan(duration=1.5, fault_at=0.5, names=200, asks=3),
 )
 
 
@@ -106,11 +109,13 @@ def repetition(mode: Mode, flavour: sb.Flavour, index: int) -> dict[str, Any]:
             fo = failover.run_matrix(node, mode.failover, log)
             log("kube-dns unreachable, names expired")
             st = stale.measure(node, mode.stale, log)
+            log("CoreDNS twins, link-local address")
+            tw = twins.measure(node, mode.twins, log)
             log("agent cost")
             co = cost.measure(node, mode.cost, log)
         finally:
             node.kill_all()
-    return {"datapath": dp, "remote": rk, "failover": fo, "stale": st, "cost": co}
+    return {"datapath": dp, "remote": rk, "failover": fo, "stale": st, "twins": tw, "cost": co}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -173,6 +178,7 @@ def main() -> int:
             "cost": cost.plan_dict(mode.cost),
             "remote": remote.plan_dict(mode.remote),
             "stale": stale.plan_dict(mode.stale),
+            "twins": twins.plan_dict(mode.twins),
         },
     }
     out = {

@@ -101,6 +101,11 @@ class Services:
 
 
 SERVICES = Services()
+# Every name under this domain answers (a wildcard record): as many distinct names as a benchmark needs, e.g.
+# to count what the cache sends on to kube-dns.
+BULK_DOMAIN, BULK_IP = f"bulk.svc.{CLUSTER_DOMAIN}", "10.96.40.1"
+# kube-dns's own metrics in its namespace (coredns_dns_requests_total: the queries that reached it).
+KUBE_DNS_METRICS = "127.0.0.1:9153"
 
 
 class SandboxError(RuntimeError):
@@ -464,6 +469,7 @@ class Sandbox(Run):
             ]
             cluster += [f"cassandra-{i}.{name}. 30 IN A {ip}" for i, ip in enumerate(ips)]
         cluster += [f"{name}. 1 IN A {ip}" for name, ip in sorted(s.short_lived.items())]
+        cluster.append(f"*.{BULK_DOMAIN}. 30 IN A {BULK_IP}")
         cluster.append(f"_https._tcp.kubernetes.default.svc.{CLUSTER_DOMAIN}. 30 IN SRV 0 100 443 "
                        f"kubernetes.default.svc.{CLUSTER_DOMAIN}.")  # fmt: skip
         reverse = [
@@ -480,7 +486,8 @@ class Sandbox(Run):
             origin = "root" if zone == "." else zone
             (zones / f"db.{origin}").write_text(_zone_file(zone.rstrip(".") + ".", records))
         blocks = [
-            f"{zone}:53 {{\n    errors\n    file {zones}/db.{'root' if zone == '.' else zone} {zone}\n}}\n"
+            f"{zone}:53 {{\n    errors\n    prometheus {KUBE_DNS_METRICS}\n"
+            f"    file {zones}/db.{'root' if zone == '.' else zone} {zone}\n}}\n"
             for zone in (CLUSTER_DOMAIN, "in-addr.arpa", "ip6.arpa", ".")
         ]
         self._start_server(self.kube_dns, "kube-dns", "".join(blocks))
@@ -493,6 +500,12 @@ class Sandbox(Run):
             f"{STUB_DOMAIN}:{port} {{\n    errors\n    file {zone} {STUB_DOMAIN}\n}}\n" for port in (53, 5353)
         )
         self._start_server(self.stub, "stub", corefile)
+
+    def kube_dns_queries(self) -> int:
+        """The queries kube-dns has received so far (its own count, every zone and protocol)."""
+        text = self.http_get(self.kube_dns, f"http://{KUBE_DNS_METRICS}/metrics")
+        return round(sum(float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("coredns_dns_requests_total{")))  # fmt: skip
 
     def wait_for_dns(self, ns: str, server: str, name: str, *, timeout: float = 10, tcp: bool = False) -> str:
         """Query ``name`` at ``server`` from ``ns`` with dig until it answers; return the answer."""

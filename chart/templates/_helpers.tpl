@@ -10,6 +10,9 @@
 {{- if not .Values.kubeDNS.ip -}}
 {{- fail "kubeDNS.ip: set it to the kube-dns Service's ClusterIP (kubectl get svc kube-dns -n kube-system -o jsonpath={.spec.clusterIP})" -}}
 {{- end -}}
+{{- if not (has (toString .Values.corednsInstances) (list "1" "2" "3" "4" "5" "6" "7" "8")) -}}
+{{- fail (printf "corednsInstances: %v is not a number of CoreDNS processes from 1 to 8" .Values.corednsInstances) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The placeholders the sed replaces, in the sed's order; the agent fills the rest at run time. */}}

@@ -87,6 +87,15 @@ def container(rendered: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
+def test_twins_are_one_value_that_adds_only_the_agents_flag() -> None:
+    default, twins = objects(template()), objects(template("corednsInstances=2"))
+    daemonset = "DaemonSet/node-local-dns"
+    args = twins[daemonset]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-1] == "--coredns-instances=2"
+    args.pop()
+    assert twins == default
+
+
 def test_image_resources_and_tolerations_are_values(tmp_path: Path) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(
@@ -119,8 +128,14 @@ def test_the_default_image_is_this_agent_version() -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [[], ["apiSource.enabled=true"], set_values("ipvs", **OTHER), ["localIP=fd00::10", "kubeDNS.ip=fd00::a"]],
-    ids=["defaults", "api-source", "ipvs", "ipv6"],
+    [
+        [],
+        ["apiSource.enabled=true"],
+        set_values("ipvs", **OTHER),
+        ["localIP=fd00::10", "kubeDNS.ip=fd00::a"],
+        [*set_values("ipvs", **OTHER), "corednsInstances=2"],
+    ],
+    ids=["defaults", "api-source", "ipvs", "ipv6", "ipvs-twins"],
 )
 def test_the_rendered_manifest_passes_the_manifest_checks(values: list[str], tmp_path: Path) -> None:
     out = tmp_path / "rendered.yaml"
@@ -145,6 +160,8 @@ def test_an_ipv6_local_address_is_bracketed_before_a_port() -> None:
         (["kubeProxyMode=userspace"], "kube-system", 'kubeProxyMode: "userspace" is not iptables or ipvs'),
         (["kubeDNS.ip="], "kube-system", "kubeDNS.ip: set it to the kube-dns Service's ClusterIP"),
         ([], "default", "node-local-dns belongs in kube-system, where the kube-dns ConfigMap and Services"),
+        (["corednsInstances=0"], "kube-system", "corednsInstances: 0 is not a number of CoreDNS processes"),
+        (["corednsInstances=two"], "kube-system", "corednsInstances: two is not a number of CoreDNS"),
     ],
 )
 def test_bad_values_are_refused_with_the_value_named(values: list[str], namespace: str, message: str) -> None:

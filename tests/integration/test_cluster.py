@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests import manifests
@@ -243,6 +244,48 @@ def test_a_new_version_that_never_serves_is_never_ready_and_the_rollout_waits_fo
     cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
     assert poll(lambda: [p["metadata"]["name"] for p in agent_pods(cluster)] == [first], 60, every=1)
     assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "the old pod does not serve"
+
+
+def coredns_pids(cluster: Cluster, pod: str) -> list[int]:
+    """The host pids of the CoreDNS processes of agent pod ``pod``, oldest first."""
+    init = psutil.Process(cluster.pod_pid("kube-system", pod, "node-cache"))
+    found = [p for p in [init, *init.children(recursive=True)] if p.name() == "coredns"]
+    return [p.pid for p in sorted(found, key=lambda p: p.create_time())]
+
+
+def test_twins_set_with_kubectl_patch_keep_the_link_local_address_answering_when_one_is_killed(
+    cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--coredns-instances=2`` rolled out like any change (a surge), then one CoreDNS SIGKILLed under load
+    on the link-local address, which no kube-dns stands behind: the other answers its share at once, the
+    agent restarts the killed one, and the pod is neither restarted nor unready."""
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    flag = "--coredns-instances=2"
+    twins = [{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": flag}]
+    cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p",
+                    json.dumps(twins))  # fmt: skip
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    pod = agent_pod(cluster)
+    name = pod["metadata"]["name"]  # type: ignore[index]
+    assert poll(lambda: len(coredns_pids(cluster, name)) == 2, 30, every=0.5), "no twins"
+    killed = coredns_pids(cluster, name)[0]
+    load = cluster.start_load(rate=1000, duration=8, names=SERVICE, server=LOCAL_IP)
+    time.sleep(3)
+    os.kill(killed, signal.SIGKILL)
+    result = json.loads(load.communicate(timeout=40)[0])
+    with capsys.disabled():
+        summary = {k: result[k] for k in ("sent", "answered", "failed", "longest_gap")}
+        print(f"\n[{cluster.proxy_mode}] one of two CoreDNS killed, link-local at 1000 qps: {summary}")
+    assert result["sent"] == 8000, result
+    assert result["failed"] <= 10, result  # what the killed one had queued or was answering
+    assert poll(lambda: len(coredns_pids(cluster, name)) == 2, 30, every=0.5), "the killed twin not restarted"
+    assert killed not in coredns_pids(cluster, name)
+    pod = agent_pod(cluster)
+    assert pod["metadata"]["name"] == name and pod_ready(pod)  # type: ignore[index, arg-type]
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
+    cluster.kubectl("-n", "kube-system", "rollout", "undo", "daemonset/node-local-dns")
+    cluster.wait_rollout("daemonset", "node-local-dns", timeout=120)
+    assert poll(lambda: answered_by_node_cache(cluster), 10, every=0.5), "no pod serves after the undo"
 
 
 def stub_domains(*zones: str) -> str:

@@ -182,3 +182,25 @@ def test_the_remote_kube_dns_and_stale_answer_rows_are_rendered_when_measured() 
     assert "kube-dns unreachable for 10 s (1000 qps from a pod, 20 names cached earlier" in section
     assert "| `--serve-stale` (default: 1h, verify) | 9 990 | 10 | 0.400 s |" in section
     assert "| `--serve-stale 0` (node-cache's Corefile) | 0 | 10 000 | 10.000 s |" in section
+
+
+def test_the_twins_rows_are_rendered_when_measured() -> None:
+    results = _results([1500])
+    assert "CoreDNS twins" not in render_section(results)  # an older harness: no such rows
+    lost = {"one": {"failed": 300, "longest_gap_s": 0.3}, "twins": {"failed": 2, "longest_gap_s": 0.004},
+            "node_cache": {"failed": 1500, "longest_gap_s": 1.5}}  # fmt: skip
+    results["median"]["twins"] = {
+        "faults": {"sigkill_coredns": lost, "frozen_coredns": lost},
+        "cache": {"one": {"upstream": 1000, "hit_rate": 0.8, "coredns_rss_mib": 30.5},
+                  "twins": {"upstream": 1940, "hit_rate": 0.612, "coredns_rss_mib": 58.0}},
+    }  # fmt: skip
+    results["meta"]["plans"]["twins"] = {"rate": 1000.0, "duration": 10.0, "fault_at": 3.0, "names": 1000,
+                                         "asks": 5}  # fmt: skip
+    section = render_section(results)
+    assert "### CoreDNS twins on the link-local address (1000 qps from a pod for 10 s" in section
+    assert "| SIGKILL of a CoreDNS | 300 (0.300 s) | 2 (0.004 s) | 1 500 (1.500 s) |" in section
+    assert (
+        "| sent on to kube-dns, 1000 names asked 5 times each | 1 000 (80.0 % answered from the cache) "
+        "| 1 940 (61.2 % answered from the cache) | — |" in section
+    )
+    assert "| CoreDNS resident memory after that | 30.5 MiB | 58.0 MiB | — |" in section

@@ -80,8 +80,9 @@ class Child:
 
     next_pid = 1000
 
-    def __init__(self, model: SupervisorModel) -> None:
+    def __init__(self, model: SupervisorModel, index: int = 0) -> None:
         self.model = model
+        self.index = index  # the instance it was launched for (twins: 0 or 1)
         self.pid = 0
         self.alive = False
         self.recent_output: deque[str] = deque(maxlen=20)
@@ -195,9 +196,10 @@ class SupervisorModel(RuleBasedStateMachine):
         self.lock_busy_since_healthy = False
 
     # Set-up ---------------------------------------------------------------------------------------------
-    @initialize(host_failover=st.booleans())
-    def start(self, host_failover: bool) -> None:
+    @initialize(host_failover=st.booleans(), instances=st.sampled_from([1, 2]))
+    def start(self, host_failover: bool, instances: int) -> None:
         s = Settings(
+            coredns_instances=instances,
             local_ips=LOCAL_IPS,
             status_file=self.tmp / "status.json",
             agents_lock=self.tmp / "agents.lock",
@@ -223,7 +225,7 @@ class SupervisorModel(RuleBasedStateMachine):
             settings=s,
             network=network,
             corefile=self.corefile,
-            launcher=lambda post, index=0: Child(self),  # type: ignore[arg-type, return-value]
+            launcher=lambda post, index: Child(self, index),  # type: ignore[arg-type, return-value]
             probe_settings=ProbeSettings(LOCAL_IPS, 53, "health.node-local-dns.", None),
             metrics=metrics,
             notifier=self.notifier,
@@ -266,15 +268,30 @@ class SupervisorModel(RuleBasedStateMachine):
         self.sup.post(event)
         self._guarded(lambda: self.sup.step(0))
 
-    @property
-    def child(self) -> Child | None:
-        return self.children[-1] if self.children and self.children[-1].alive else None
+    def live(self, index: int) -> Child | None:
+        """Instance ``index``'s child while it lives."""
+        mine = [c for c in self.children if c.index == index % self.sup.settings.coredns_instances]
+        return mine[-1] if mine and mine[-1].alive else None
+
+    def healthy(self) -> bool:
+        """An instance RUNNING as far as anyone can know: a death is known once its exit reaches the loop."""
+        for inst in self.sup.instances:
+            if inst.state is CoreDnsState.RUNNING and inst.child is not None:
+                alive = self.live(inst.index) is not None
+                if alive or any(e.pid == inst.child.pid for e in self.pending_exits):
+                    return True
+        return False
 
     # Rules (what can happen) ----------------------------------------------------------------------------
     @precondition(lambda self: not self.stopped)
-    @rule(outcome=st.sampled_from(["ok", "silent", "stalled", "refused", "wrong"]), stale=st.booleans())
-    def probe(self, outcome: str, stale: bool) -> None:
-        pids = [c.pid for c in self.children]
+    @rule(
+        outcome=st.sampled_from(["ok", "silent", "stalled", "refused", "wrong"]),
+        stale=st.booleans(),
+        index=st.integers(0, 1),
+    )
+    def probe(self, outcome: str, stale: bool, index: int) -> None:
+        twins = self.sup.settings.coredns_instances
+        pids = [c.pid for c in self.children if c.index == index % twins]
         if not pids:
             return
         pid = pids[0] if stale else pids[-1]
@@ -286,20 +303,21 @@ class SupervisorModel(RuleBasedStateMachine):
         self._post(result)
 
     @precondition(lambda self: not self.stopped)
-    @rule(how=st.sampled_from([1, 2, -signal.SIGKILL, -signal.SIGSEGV]))
-    def coredns_dies(self, how: int) -> None:
-        child = self.child
+    @rule(how=st.sampled_from([1, 2, -signal.SIGKILL, -signal.SIGSEGV]), index=st.integers(0, 1))
+    def coredns_dies(self, how: int, index: int) -> None:
+        child = self.live(index)
         if child is not None:
             child.recent_output.append("[FATAL] plugin/loop: Loop detected")
             child.alive = False
             self.pending_exits.append(ChildExited(child.pid, how))
 
     @precondition(lambda self: not self.stopped)
-    @rule()
-    def coredns_is_stopped(self) -> None:
+    @rule(index=st.integers(0, 1))
+    def coredns_is_stopped(self, index: int) -> None:
         """SIGSTOP: the waiter hears of it from the kernel at once."""
-        if self.child is not None:
-            self._post(ChildStopped(self.child.pid, signal.SIGSTOP))
+        child = self.live(index)
+        if child is not None:
+            self._post(ChildStopped(child.pid, signal.SIGSTOP))
 
     @precondition(lambda self: not self.stopped and bool(self.pending_exits))
     @rule(index=st.integers(min_value=0, max_value=5))
@@ -362,7 +380,7 @@ class SupervisorModel(RuleBasedStateMachine):
             self._guarded(lambda: self.sup.step(0))
         if self.stopped:
             return
-        healthy = self.sup.state is CoreDnsState.RUNNING and self.child is not None
+        healthy = self.sup.state is CoreDnsState.RUNNING and self.healthy()
         host_rules_stay = not self.sup.settings.host_failover and self.ever_installed()
         assert self.host_rules_present() == (healthy or host_rules_stay)
         assert self.sup.serving == (healthy and self.pod_rules_present())
@@ -397,10 +415,7 @@ class SupervisorModel(RuleBasedStateMachine):
     def host_rules_only_while_coredns_is_healthy(self) -> None:
         if self.stopped or not self.sup.settings.host_failover or not self.host_rules_present():
             return
-        # Healthy as far as anyone can know: a death is known once its exit reaches the loop.
-        last = self.children[-1] if self.children else None
-        exit_pending = last is not None and any(e.pid == last.pid for e in self.pending_exits)
-        healthy = self.sup.state is CoreDnsState.RUNNING and (self.child is not None or exit_pending)
+        healthy = self.sup.state is CoreDnsState.RUNNING and self.healthy()
         # Without the lock they cannot come off; the reconcile retries (with back-off) once it is free.
         retry_at = self.sup.network.packet_filter._retry_at  # type: ignore[attr-defined]
         assert healthy or self.iptables.lock_busy or retry_at > self.clock.now, (
@@ -418,23 +433,32 @@ class SupervisorModel(RuleBasedStateMachine):
         assert len(self.notifier.ready_while_serving) <= 1
 
     @invariant()
-    def at_most_one_live_child(self) -> None:
-        assert sum(1 for c in self.children if c.alive) <= 1
+    def at_most_one_live_child_per_instance(self) -> None:
+        for index in range(self.sup.settings.coredns_instances):
+            assert sum(1 for c in self.children if c.alive and c.index == index) <= 1
+
+    @invariant()
+    def the_node_is_running_while_any_instance_is(self) -> None:
+        running = any(inst.state is CoreDnsState.RUNNING for inst in self.sup.instances)
+        assert (self.sup.state is CoreDnsState.RUNNING) == running
 
     @invariant()
     def backoff_is_bounded(self) -> None:
-        assert self.sup.instances[0].restart_delay <= TIMING.backoff_max
-        if self.sup.instances[0].restart_at is not None and not self.stopped:
-            assert self.sup.instances[0].restart_at - self.clock.now <= TIMING.backoff_max
+        for inst in self.sup.instances:
+            assert inst.restart_delay <= TIMING.backoff_max
+            if inst.restart_at is not None and not self.stopped:
+                assert inst.restart_at - self.clock.now <= TIMING.backoff_max
 
     @invariant()
     def every_state_change_is_logged_once_with_a_cause(self) -> None:
-        events = self.state_events
-        for before, after in itertools.pairwise(events):
-            assert after["from"] == before["to"], (before, after)
-        assert all(e.get("cause") for e in events)
-        if events and not self.stopped:
-            assert events[-1]["to"] == str(self.sup.state)
+        assert all(e.get("cause") for e in self.state_events)
+        for inst in self.sup.instances:
+            # Twins' events name their instance; one instance's name none.
+            events = [e for e in self.state_events if e.get("instance", 0) == inst.index]
+            for before, after in itertools.pairwise(events):
+                assert after["from"] == before["to"], (before, after)
+            if events and not self.stopped:
+                assert events[-1]["to"] == str(inst.state)
 
     @invariant()
     def after_shutdown_nothing_is_left(self) -> None:
