@@ -99,9 +99,9 @@ class Settings:
     serve_stale_mode: ServeStaleMode = "verify"
     # CoreDNS processes on the same sockets (SO_REUSEPORT), each supervised on its own: with 2, a crash or a
     # hang of one leaves the other serving, even for pods that query the link-local address directly (IPVS
-    # mode, a custom dnsConfig). Each has its own cache. 1 is node-cache's shape (see the README's "Twins").
+    # mode, a custom dnsConfig). Each has its own cache. 1 is node-cache's shape (README: "CoreDNS twins").
     coredns_instances: int = 1
-    # With twins, instance N answers the agent's probe on the first local address at this port + N (the
+    # With twins, instance N answers the agent's probe on twin_probe_address() at this port + N (the
     # shared port cannot tell them apart: the kernel hands a probe to any of them).
     coredns_probe_port: int = 5301
     # node-cache's behaviour, for the benchmarks' side-by-side baseline only: no kernel gate on the pod
@@ -151,6 +151,13 @@ class Settings:
             raise ConfigError(
                 f"--kubedns-configmap-api: {self.kubedns_configmap_api!r} is not NAMESPACE/NAME"
             )
+
+    def twin_probe_address(self) -> IPAddress:
+        """Where twins answer the agent's probe (each on its own port): the first link-local address, the
+        agent's own; else the first. Not a ClusterIP if avoidable: kube-proxy (nftables mode) rejects
+        traffic to a Service's address on a port the Service does not have."""
+        ips = self.require_local_ips()
+        return next((ip for ip in ips if ip.is_link_local), ips[0])
 
     def require_local_ips(self) -> tuple[IPAddress, ...]:
         if not self.local_ips:

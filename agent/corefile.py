@@ -223,9 +223,9 @@ def probe_server_block(local_ips: Sequence[IPAddress], dns_port: int, ready: str
 
 
 def twin_probe_block(address: IPAddress) -> str:
-    """The probe zone on each twin's own port (:data:`PROBE_PORT_ENV`), bound to ``address`` (the first
-    local address: the agent's own, so the port is free), where the kernel cannot hand the probe to another
-    twin."""
+    """The probe zone on each twin's own port (:data:`PROBE_PORT_ENV`), bound to ``address`` (see
+    :meth:`Settings.twin_probe_address`: the agent's own, so the port is free), where the kernel cannot hand
+    the probe to another twin."""
     return (
         f"{HEALTH_PROBE_ZONE}:{{${PROBE_PORT_ENV}}} {{\n    bind {address}\n"
         f"    template IN {HEALTH_PROBE_TYPE} {HEALTH_PROBE_ZONE} {{\n"
@@ -543,7 +543,7 @@ class CorefileBuilder:
             )
         )
         if s.coredns_instances > 1:
-            text += twin_probe_block(s.require_local_ips()[0])
+            text += twin_probe_block(s.twin_probe_address())
         return Rendered.of(text)
 
     def read_template(self) -> str:

@@ -77,18 +77,18 @@ class Metrics:
         )
         self.coredns_state = Gauge(
             "nodelocaldns_agent_coredns_state",
-            "1 for the supervisor's current CoreDNS state.",
+            "CoreDNS instances in each state: 1 for the current state with one instance (twins: per state).",
             ["state"],
             registry=r,
         )
         self.coredns_rss = Gauge(
             "nodelocaldns_agent_coredns_resident_memory_bytes",
-            "CoreDNS resident memory now.",
+            "CoreDNS resident memory now (twins: summed).",
             registry=r,
         )
         self.coredns_peak_rss = Gauge(
             "nodelocaldns_agent_coredns_peak_resident_memory_bytes",
-            "CoreDNS peak resident memory (VmHWM); size the pod's memory limit from this.",
+            "CoreDNS peak resident memory (VmHWM, twins summed); size the pod's memory limit from this.",
             registry=r,
         )
         self.probe_latency = Histogram(

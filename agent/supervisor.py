@@ -552,13 +552,13 @@ class Supervisor:
     def _probe_for(self, inst: Instance) -> ProbeSettings:
         """What the instance's prober asks. One CoreDNS: the probe zone on every local address (the node's
         data path) and /health. Twins share those sockets, and the kernel hands a probe to any of them, so
-        each twin is asked on its own port (``--coredns-probe-port`` + its number, on the first local
+        each twin is asked on its own port (``--coredns-probe-port`` + its number, on the link-local
         address), where only it answers."""
         if len(self.instances) == 1:
             return replace(self.probe_settings, health_url=self.health_url())
         return replace(
             self.probe_settings,
-            addresses=self.probe_settings.addresses[:1],
+            addresses=(self.settings.twin_probe_address(),),
             port=self.settings.coredns_probe_port + inst.index,
             mark=None,
             health_url=None,

@@ -124,3 +124,10 @@ def test_serve_stale_is_on_for_an_hour_in_verify_mode_unless_told() -> None:
 def test_run_without_local_ip_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="-localip: no local address"):
         Settings().require_local_ips()
+
+
+def test_twins_answer_their_probes_on_the_link_local_address_wherever_it_is_listed() -> None:
+    link_local, cluster_ip = ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10")
+    assert Settings(local_ips=(cluster_ip, link_local)).twin_probe_address() == link_local
+    ula = ipaddress.ip_address("fd00::10")
+    assert Settings(local_ips=(ula,)).twin_probe_address() == ula  # none link-local: the first
