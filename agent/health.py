@@ -19,7 +19,7 @@ from pathlib import Path
 from agent.config import IPAddress
 from agent.events import Event, ProbeResult
 from agent.logs import get_logger
-from agent.sockets import socket_inodes, udp_receive_queues
+from agent.sockets import UdpQueues, socket_inodes, udp_receive_queues
 
 log = get_logger("health")
 
@@ -44,6 +44,13 @@ class ProbeSettings:
     # /health is asked every this many rounds (2 s): the DNS probes catch a hang; /health adds CoreDNS's own
     # view of itself at a quarter of the cost.
     health_every: int = 4
+    # Between rounds, every ``tick``: datagrams waiting in the DNS sockets on these addresses and port (the
+    # kernel's count, from sock_diag: tens of microseconds a look) start a round at once, its first kernel
+    # view taken then. A hang that swallows pods' queries is confirmed 0.1 s later, not at the next round;
+    # a hang with nothing to swallow costs nothing and is found by the next round. Empty: the probed ones.
+    watch_addresses: tuple[IPAddress, ...] = ()
+    watch_port: int | None = None
+    tick: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,9 @@ class Prober:
         self._post = post
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"prober-{pid}", daemon=True)
+        # The DNS sockets watched between rounds, and the kernel's view of their queues (the thread's own).
+        self._watched = settings.watch_addresses or settings.addresses
+        self._dns_queues: UdpQueues | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -335,12 +345,15 @@ class Prober:
         health = HealthEndpoint(url, self.settings.timeout) if url else None
         rounds, query = 0, probe_query(self.settings.name)
         meter, watch = BusyMeter(self.pid), StallWatch(self.pid)
+        self._open_queues()
+        early = False
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
                 with_health = health if rounds % self.settings.health_every == 0 else None
                 rounds += 1
-                watch.new_round()
+                if not early:  # an early round's first view was taken when it was called
+                    watch.new_round()
                 try:
                     outcome = probe_round(self.settings, query=query, health=with_health, unanswered=watch)
                 except Exception as exc:  # a probe bug must show as failing probes, never as silence
@@ -361,10 +374,52 @@ class Prober:
                         at=time.monotonic(),
                     )
                 )  # fmt: skip
-                self._stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
+                early = self._between_rounds(started + self.settings.interval, watch)
         finally:
             if health is not None:
                 health.close()
+            if self._dns_queues is not None:
+                self._dns_queues.close()
+
+    def _open_queues(self) -> None:
+        s = self.settings
+        families = {socket.AF_INET if ip.version == 4 else socket.AF_INET6 for ip in self._watched}
+        try:
+            self._dns_queues = UdpQueues(s.watch_port or s.port, families)
+        except OSError as exc:
+            self._no_queues(exc, "no sock_diag for UDP")
+
+    def _no_queues(self, exc: OSError, why: str) -> None:
+        log.warning("not watching the dns sockets between probe rounds", pid=self.pid, error=str(exc),
+                    cause=f"{why}: a hang is found by the next probe round")  # fmt: skip
+        if self._dns_queues is not None:
+            self._dns_queues.close()
+        self._dns_queues = None
+
+    def _between_rounds(self, due: float, watch: StallWatch) -> bool:
+        """Waits until the next round is due; True when it starts early, because datagrams wait in the DNS
+        sockets (``watch`` then holds the kernel's first view)."""
+        while True:
+            left = due - time.monotonic()
+            if self._dns_queues is None:
+                self._stop.wait(max(0.0, left))
+                return False
+            if left <= 0 or self._stop.wait(min(self.settings.tick, left)):
+                return False
+            if self._waiting():
+                watch.new_round()
+                watch()  # the first view: the next, at the round's first resend, says whether any was read
+                return True
+
+    def _waiting(self) -> bool:
+        """Datagrams wait in a DNS socket on a watched address."""
+        assert self._dns_queues is not None
+        try:
+            queued = self._dns_queues.read()
+        except OSError as exc:
+            self._no_queues(exc, "sock_diag failed")
+            return False
+        return any(queued.get(ip, 0) for ip in self._watched)
 
 
 def probe_round(

@@ -562,6 +562,8 @@ class Supervisor:
             port=self.settings.coredns_probe_port + inst.index,
             mark=None,
             health_url=None,
+            watch_addresses=self.probe_settings.addresses,  # the pods' queries wait on the shared sockets
+            watch_port=self.probe_settings.port,
         )
 
     def _child_listening(self, inst: Instance) -> bool:

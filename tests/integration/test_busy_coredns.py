@@ -4,6 +4,7 @@ restart it; a CoreDNS that is silent and idle (frozen, as a deadlock looks) is s
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import pytest
 from bench import dnsperf
 from tests import kubednslink
 from tests import sandbox as sb
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, Load
 from tests.freezer import FREEZER, frozen
 
 BURST_QPS = 10_000
@@ -101,3 +102,33 @@ def test_a_coredns_frozen_and_idle_is_caught_as_hung_within_its_first_silent_pro
         assert any(c.startswith("hung: no answer from") and "read none of the" in c for c in causes), causes
         assert detected < 1.2, detected
         assert agent.coredns_pid() not in (None, coredns)
+
+
+@pytest.mark.skipif(not FREEZER.is_dir(), reason="needs the cgroup v1 freezer")
+def test_a_coredns_frozen_under_load_is_killed_within_0_3_s_wherever_the_freeze_falls(
+    box: sb.Sandbox,
+) -> None:
+    """Pods' queries wait in a frozen CoreDNS's sockets: the prober sees them between its rounds (every
+    0.1 s) and confirms the hang at once, rather than at its next round (every 0.5 s). Frozen three times, at
+    random points between rounds, under 1000 qps on the ClusterIP."""
+    rng = random.Random(7)
+    with AgentProcess(box) as agent:
+        agent.wait_serving()
+        load = Load(box, rate=1000, duration=12.0, server=sb.KUBE_DNS_IP)
+        took = []
+        for attempt in range(3):
+            time.sleep(1.0 + rng.uniform(0, 0.5))
+            coredns = agent.coredns_pid()
+            assert coredns is not None
+            with frozen(coredns, f"{sb.PREFIX}-{box.run_id}-freeze{attempt}"):
+                since = time.monotonic()
+                agent.wait_for(lambda s: s.get("state") == "backoff", 3.0, "backoff after a hang")
+                took.append(time.monotonic() - since)
+            agent.wait_serving()
+        result = load.result()
+        causes = [str(e.get("cause", "")) for e in agent.events() if e.get("event") == "coredns state"]
+    assert sum(c.startswith("hung:") and "read none of the" in c for c in causes) == 3, causes
+    # The status file is read every 0.05 s: the kill itself came up to that much sooner.
+    print(f"frozen under load: backoff after {[round(t, 3) for t in took]} s")
+    assert max(took) < 0.35, took
+    assert result["sent"] == 12000, result

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +21,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from agent.events import Event, ProbeResult
 from agent.health import (
     MAX_BUSY_ROUNDS,
     BusyMeter,
     KernelView,
+    Prober,
+    ProbeSettings,
     StallWatch,
     cpu_seconds,
     kernel_view,
@@ -243,3 +249,49 @@ def test_each_round_starts_its_comparison_afresh() -> None:
     watch()
     watch.new_round()
     assert watch() is None
+
+
+@contextlib.contextmanager
+def responder_answering_the_probe() -> Iterator[tuple[int, int]]:
+    """(pid, port) of a process that answers the probe zone as CoreDNS does (one A record) on a UDP port
+    of 127.0.0.1. Killed after (resumed first, should it be stopped)."""
+    code = (
+        "import socket, struct\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0))\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "while True:\n"
+        "    q, peer = s.recvfrom(512)\n"
+        "    header = q[:2] + struct.pack('>HHHHH', 0x8180, 1, 1, 0, 0)\n"
+        "    answer = struct.pack('>HHHIH', 0xC00C, 1, 1, 0, 4) + bytes([127, 0, 0, 1])\n"
+        "    s.sendto(header + q[12:] + answer, peer)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            yield proc.pid, int(proc.stdout.readline())
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+
+
+def test_a_hang_between_rounds_is_confirmed_as_soon_as_a_query_waits_not_at_the_next_round() -> None:
+    results: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    with responder_answering_the_probe() as (pid, port):
+        settings = ProbeSettings((ipaddress.ip_address("127.0.0.1"),), port, "health.node-local-dns.", None,
+                                 interval=10.0, tick=0.05)  # fmt: skip
+        prober = Prober(settings, pid, results.put)
+        prober.start()
+        try:
+            first = results.get(timeout=2)
+            assert isinstance(first, ProbeResult) and first.ok, first
+            os.kill(pid, signal.SIGSTOP)  # hung between two rounds, 10 s apart
+            hung = time.monotonic()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pod:
+                pod.sendto(probe_query("web.default.svc.cluster.local."), ("127.0.0.1", port))
+            second = results.get(timeout=2)
+            took = time.monotonic() - hung
+        finally:
+            prober.stop()
+    assert isinstance(second, ProbeResult) and second.stalled, second
+    assert took < 0.3, took  # a tick to see the query waiting, then the round's first resend
+    assert "read none of the" in second.detail

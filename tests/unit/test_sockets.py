@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
-from agent.sockets import Listener, _address, listeners, serves
+from agent.sockets import Listener, UdpQueues, _address, listeners, serves
+from tests.waiting import poll
 
 LOCAL = ipaddress.ip_address("169.254.20.10")
 V6 = ipaddress.ip_address("fd00::10")
@@ -48,3 +50,23 @@ def test_serves_tells_this_process_from_another_on_every_address() -> None:
         Listener("tcp", ipaddress.ip_address("0.0.0.0"), 53, 6),
     ]
     assert serves(wildcard, {5, 6}, [LOCAL], 53, ours=True)
+
+
+def test_udp_queues_counts_unread_bytes_per_address_on_one_port_only() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:  # fmt: skip
+        server.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        queues = UdpQueues(port, [socket.AF_INET, socket.AF_INET6])
+        try:
+            loopback = ipaddress.ip_address("127.0.0.1")
+            assert queues.read() == {loopback: 0}  # only this port's socket, nothing waiting
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.sendto(b"x" * 100, ("127.0.0.1", port))
+                client.sendto(b"y" * 100, other.getsockname())
+            assert poll(lambda: queues.read()[loopback] >= 100, 2)
+            server.recv(200)
+            assert queues.read() == {loopback: 0}
+        finally:
+            queues.close()

@@ -766,6 +766,8 @@ def test_each_twin_is_probed_on_its_own_port_and_a_probe_of_one_says_nothing_of_
     ports = {pid: (s.addresses, s.port, s.mark, s.health_url) for pid, s in asked}
     first = (ipaddress.ip_address("169.254.20.10"),)
     assert ports == {_of(h, 0).pid: (first, 5301, None, None), _of(h, 1).pid: (first, 5302, None, None)}
+    # Between rounds each watches the shared DNS sockets, where a hung twin's share of queries waits.
+    assert {(s.watch_addresses, s.watch_port) for _, s in asked} == {(h.sup.settings.local_ips, 53)}
     for _ in range(3):
         h.sup.handle(ProbeResult(_of(h, 0).pid, False, "no answer from 169.254.20.10:5301", 0.5, True))
     assert h.sup.instances[0].state is CoreDnsState.BACKOFF
