@@ -34,6 +34,7 @@ from agent.health import (
     probe_dns,
     probe_query,
 )
+from tests.waiting import poll
 
 
 @pytest.mark.parametrize("name", ["health.node-local-dns.", "health.node-local-dns", "a.b.c.example."])
@@ -180,26 +181,43 @@ def test_cpu_time_comes_from_proc_and_a_vanished_coredns_is_never_busy() -> None
 
 
 @contextlib.contextmanager
-def sleeper_holding_an_unread_socket() -> Iterator[tuple[int, int]]:
-    """(pid, port) of a process bound to a UDP port that it never reads, asleep: as a deadlocked CoreDNS
-    looks. Killed after."""
+def udp_process(then: str) -> Iterator[tuple[int, int]]:
+    """(pid, port) of a Python process bound to a UDP port of 127.0.0.1 (``s``), then running ``then``.
+    Killed after (resumed first, should it be stopped)."""
     code = (
-        "import socket, sys, time\n"
+        "import socket, struct, time\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0))\n"
-        "print(s.getsockname()[1], flush=True); time.sleep(30)\n"
+        "print(s.getsockname()[1], flush=True)\n" + then
     )
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         try:
             yield proc.pid, int(proc.stdout.readline())
         finally:
+            os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
+
+
+def sleeper_holding_an_unread_socket() -> contextlib.AbstractContextManager[tuple[int, int]]:
+    """A process bound to a UDP port that it never reads, asleep: as a deadlocked CoreDNS looks."""
+    return udp_process("time.sleep(30)\n")
+
+
+def responder_answering_the_probe() -> contextlib.AbstractContextManager[tuple[int, int]]:
+    """A process that answers every query as CoreDNS answers the probe zone (one A record)."""
+    return udp_process(
+        "while True:\n"
+        "    q, peer = s.recvfrom(512)\n"
+        "    header = q[:2] + struct.pack('>HHHHH', 0x8180, 1, 1, 0, 0)\n"
+        "    answer = struct.pack('>HHHIH', 0xC00C, 1, 1, 0, 4) + bytes([127, 0, 0, 1])\n"
+        "    s.sendto(header + q[12:] + answer, peer)\n"
+    )
 
 
 def test_the_kernel_view_counts_unread_datagrams_in_the_process_own_sockets() -> None:
     with sleeper_holding_an_unread_socket() as (pid, port):
-        idle = kernel_view(pid)
-        assert idle is not None and idle.queued == 0 and not idle.running
+        idle = poll(lambda: (v := kernel_view(pid)) is not None and not v.running and v, 2, every=0.01)
+        assert idle and idle.queued == 0  # asleep (it may still run for a moment after printing its port)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             for _ in range(3):
                 client.sendto(probe_query("health.node-local-dns."), ("127.0.0.1", port))
@@ -251,29 +269,6 @@ def test_each_round_starts_its_comparison_afresh() -> None:
     assert watch() is None
 
 
-@contextlib.contextmanager
-def responder_answering_the_probe() -> Iterator[tuple[int, int]]:
-    """(pid, port) of a process that answers the probe zone as CoreDNS does (one A record) on a UDP port
-    of 127.0.0.1. Killed after (resumed first, should it be stopped)."""
-    code = (
-        "import socket, struct\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0))\n"
-        "print(s.getsockname()[1], flush=True)\n"
-        "while True:\n"
-        "    q, peer = s.recvfrom(512)\n"
-        "    header = q[:2] + struct.pack('>HHHHH', 0x8180, 1, 1, 0, 0)\n"
-        "    answer = struct.pack('>HHHIH', 0xC00C, 1, 1, 0, 4) + bytes([127, 0, 0, 1])\n"
-        "    s.sendto(header + q[12:] + answer, peer)\n"
-    )
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout is not None
-        try:
-            yield proc.pid, int(proc.stdout.readline())
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-
-
 def test_a_hang_between_rounds_is_confirmed_as_soon_as_a_query_waits_not_at_the_next_round() -> None:
     results: queue.SimpleQueue[Event] = queue.SimpleQueue()
     with responder_answering_the_probe() as (pid, port):
@@ -285,6 +280,8 @@ def test_a_hang_between_rounds_is_confirmed_as_soon_as_a_query_waits_not_at_the_
             first = results.get(timeout=2)
             assert isinstance(first, ProbeResult) and first.ok, first
             os.kill(pid, signal.SIGSTOP)  # hung between two rounds, 10 s apart
+            stopped = Path(f"/proc/{pid}/stat")  # stopped once the kernel delivered it: state T, not R
+            assert poll(lambda: stopped.read_text().rsplit(")", 1)[1].split()[0] == "T", 2, every=0.01)
             hung = time.monotonic()
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pod:
                 pod.sendto(probe_query("web.default.svc.cluster.local."), ("127.0.0.1", port))
