@@ -44,10 +44,11 @@ class ProbeSettings:
     # /health is asked every this many rounds (2 s): the DNS probes catch a hang; /health adds CoreDNS's own
     # view of itself at a quarter of the cost.
     health_every: int = 4
-    # Between rounds, every ``tick``: datagrams waiting in the DNS sockets on these addresses and port (the
-    # kernel's count, from sock_diag: tens of microseconds a look) start a round at once, its first kernel
-    # view taken then. A hang that swallows pods' queries is confirmed 0.1 s later, not at the next round;
-    # a hang with nothing to swallow costs nothing and is found by the next round. Empty: the probed ones.
+    # Between rounds, every ``tick``, while CoreDNS works (WATCH_CPU_SHARE): datagrams waiting in the DNS
+    # sockets on these addresses and port (the kernel's count, from sock_diag) start a round at once, its
+    # first kernel view taken then. A hang that swallows pods' queries is confirmed 0.1 s later, not at the
+    # next round; idle, only the rounds run (no idle cost), and a hang there has nothing to swallow until
+    # queries come. Empty: the probed addresses and port.
     watch_addresses: tuple[IPAddress, ...] = ()
     watch_port: int | None = None
     tick: float = 0.1
@@ -204,6 +205,11 @@ BUSY_CPU_SHARE = 0.1
 # is hung all the same (a livelock): its later busy rounds count as silence again.
 MAX_BUSY_ROUNDS = 20
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The DNS sockets are watched between rounds only after a round in which CoreDNS used at least this share of
+# a core (it serves queries: 1000 qps of cached names take several percent). An idle CoreDNS stays below it,
+# and so the agent's idle cost stays that of the rounds: each tick of the watch is a thread wake-up and a
+# netlink dump, about 0.2 ms of CPU, 10 times a second.
+WATCH_CPU_SHARE = 0.01
 
 
 def _stat(path: str) -> list[bytes] | None:
@@ -346,7 +352,7 @@ class Prober:
         rounds, query = 0, probe_query(self.settings.name)
         meter, watch = BusyMeter(self.pid), StallWatch(self.pid)
         self._open_queues()
-        early = False
+        early, last_cpu = False, (time.monotonic(), cpu_seconds(self.pid))
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
@@ -374,7 +380,10 @@ class Prober:
                         at=time.monotonic(),
                     )
                 )  # fmt: skip
-                early = self._between_rounds(started + self.settings.interval, watch)
+                now, cpu = time.monotonic(), cpu_seconds(self.pid)
+                working = _share(last_cpu, (now, cpu)) >= WATCH_CPU_SHARE
+                last_cpu = (now, cpu)
+                early = self._between_rounds(started + self.settings.interval, watch, watching=working)
         finally:
             if health is not None:
                 health.close()
@@ -396,12 +405,12 @@ class Prober:
             self._dns_queues.close()
         self._dns_queues = None
 
-    def _between_rounds(self, due: float, watch: StallWatch) -> bool:
+    def _between_rounds(self, due: float, watch: StallWatch, *, watching: bool) -> bool:
         """Waits until the next round is due; True when it starts early, because datagrams wait in the DNS
-        sockets (``watch`` then holds the kernel's first view)."""
+        sockets (``watch`` then holds the kernel's first view). Only ``watching``: else it just waits."""
         while True:
             left = due - time.monotonic()
-            if self._dns_queues is None:
+            if self._dns_queues is None or not watching:
                 self._stop.wait(max(0.0, left))
                 return False
             if left <= 0 or self._stop.wait(min(self.settings.tick, left)):
@@ -420,6 +429,12 @@ class Prober:
             self._no_queues(exc, "sock_diag failed")
             return False
         return any(queued.get(ip, 0) for ip in self._watched)
+
+
+def _share(before: tuple[float, float | None], after: tuple[float, float | None]) -> float:
+    """The share of a core a process used between two (time, CPU seconds) readings; 0 when unknown."""
+    (t0, c0), (t1, c1) = before, after
+    return (c1 - c0) / (t1 - t0) if c0 is not None and c1 is not None and t1 > t0 else 0.0
 
 
 def probe_round(

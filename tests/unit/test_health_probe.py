@@ -203,11 +203,14 @@ def sleeper_holding_an_unread_socket() -> contextlib.AbstractContextManager[tupl
     return udp_process("time.sleep(30)\n")
 
 
-def responder_answering_the_probe() -> contextlib.AbstractContextManager[tuple[int, int]]:
-    """A process that answers every query as CoreDNS answers the probe zone (one A record)."""
+def responder_answering_the_probe(work: float = 0.0) -> contextlib.AbstractContextManager[tuple[int, int]]:
+    """A process that answers every query as CoreDNS answers the probe zone (one A record), after ``work``
+    seconds of CPU (as a CoreDNS serving pods uses it)."""
     return udp_process(
         "while True:\n"
         "    q, peer = s.recvfrom(512)\n"
+        f"    busy = time.process_time() + {work}\n"
+        "    while time.process_time() < busy: pass\n"
         "    header = q[:2] + struct.pack('>HHHHH', 0x8180, 1, 1, 0, 0)\n"
         "    answer = struct.pack('>HHHIH', 0xC00C, 1, 1, 0, 4) + bytes([127, 0, 0, 1])\n"
         "    s.sendto(header + q[12:] + answer, peer)\n"
@@ -269,9 +272,12 @@ def test_each_round_starts_its_comparison_afresh() -> None:
     assert watch() is None
 
 
-def test_a_hang_between_rounds_is_confirmed_as_soon_as_a_query_waits_not_at_the_next_round() -> None:
+@pytest.mark.parametrize("working", [True, False], ids=["serving", "idle"])
+def test_a_hang_between_rounds_of_a_working_coredns_is_confirmed_once_a_query_waits(working: bool) -> None:
+    """Serving (it used the CPU in the last round): the DNS sockets are watched between rounds, and the hang
+    is confirmed within 0.3 s, not at the next round 10 s later. Idle: nothing is watched (no idle cost)."""
     results: queue.SimpleQueue[Event] = queue.SimpleQueue()
-    with responder_answering_the_probe() as (pid, port):
+    with responder_answering_the_probe(0.05 if working else 0.0) as (pid, port):
         settings = ProbeSettings((ipaddress.ip_address("127.0.0.1"),), port, "health.node-local-dns.", None,
                                  interval=10.0, tick=0.05)  # fmt: skip
         prober = Prober(settings, pid, results.put)
@@ -285,6 +291,10 @@ def test_a_hang_between_rounds_is_confirmed_as_soon_as_a_query_waits_not_at_the_
             hung = time.monotonic()
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pod:
                 pod.sendto(probe_query("web.default.svc.cluster.local."), ("127.0.0.1", port))
+            if not working:
+                with pytest.raises(queue.Empty):  # no round before the next, 10 s later
+                    results.get(timeout=1)
+                return
             second = results.get(timeout=2)
             took = time.monotonic() - hung
         finally:
