@@ -228,6 +228,12 @@ def cpu_seconds(pid: int) -> float | None:
     return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def _share(before: tuple[float, float | None], after: tuple[float, float | None]) -> float:
+    """The share of a core a process used between two (time, CPU seconds) readings; 0 when unknown."""
+    (t0, c0), (t1, c1) = before, after
+    return (c1 - c0) / (t1 - t0) if c0 is not None and c1 is not None and t1 > t0 else 0.0
+
+
 class BusyMeter:
     """Tells a busy CoreDNS from a hung one when a probe round goes unanswered: from the CPU time the kernel
     counts for it since the previous unanswered round. Read only then, never while CoreDNS answers, so it
@@ -251,7 +257,7 @@ class BusyMeter:
         previous, self._last = self._last, (None if cpu is None else (now, cpu))
         if previous is None or cpu is None or now <= previous[0]:
             return None
-        share = (cpu - previous[1]) / (now - previous[0])
+        share = _share(previous, (now, cpu))
         if share < BUSY_CPU_SHARE or self._busy_rounds >= MAX_BUSY_ROUNDS:
             return None
         self._busy_rounds += 1
@@ -312,7 +318,7 @@ class StallWatch:
         if earlier is None or view is None or now <= earlier[0]:
             return None
         since, before = earlier
-        share = (view.cpu - before.cpu) / (now - since)
+        share = _share((since, before.cpu), (now, view.cpu))
         if before.queued == 0 or view.queued < before.queued or before.running or view.running:
             return None
         if share >= BUSY_CPU_SHARE:
@@ -429,12 +435,6 @@ class Prober:
             self._no_queues(exc, "sock_diag failed")
             return False
         return any(queued.get(ip, 0) for ip in self._watched)
-
-
-def _share(before: tuple[float, float | None], after: tuple[float, float | None]) -> float:
-    """The share of a core a process used between two (time, CPU seconds) readings; 0 when unknown."""
-    (t0, c0), (t1, c1) = before, after
-    return (c1 - c0) / (t1 - t0) if c0 is not None and c1 is not None and t1 > t0 else 0.0
 
 
 def probe_round(
