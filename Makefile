@@ -9,28 +9,29 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m bench.demo
+	$(PY) -m demo.sandbox
 
-# The same story on a real single-node cluster (tests/cluster.py; about a minute, root): the shipped manifest
+# The same story on a real single-node cluster (harness/cluster.py; about a minute, root): the shipped manifest
 # applied with kubectl, a pod resolving through the node's cache, a force delete under load, kubectl delete -f.
 # DEMO_ARGS="--mode nftables" for kube-proxy's nftables mode.
 DEMO_ARGS ?=
 demo-cluster: setup
-	$(PY) -m bench.demo_cluster $(DEMO_ARGS)
+	$(PY) -m demo.cluster $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests bench/tests
 
 test-unit: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit bench/tests
 
 test-integration: setup
 	$(PY) -m pytest tests/integration
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent harness tests bench demo scripts
+	$(VENV)/bin/ruff format --check agent harness tests bench demo scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Benchmarks in node sandboxes (root): `make bench` (about 17 minutes) writes bench/results/ (JSON, the
 # README section, the SIGKILL plot) and the README section between the bench markers; `make bench-quick`

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.config import (
+from agent.settings import (
     ConfigError,
     Settings,
     parse_bool,
@@ -208,11 +208,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
 def main(argv: Sequence[str] | None = None) -> int:
     ns, settings = parse(sys.argv[1:] if argv is None else argv)
     if ns.check or ns.ready:
-        from agent.check import check
+        from agent.commands.check import check
 
         return check(settings, ready=ns.ready)
     if ns.version or ns.plugins:
-        from agent.coredns import coredns_info
+        from agent.coredns.process import coredns_info
 
         # node-cache's -version and -plugins are CoreDNS's: print what CoreDNS prints, exit as it does.
         code, text = coredns_info(settings.coredns_binary, "-version" if ns.version else "-plugins")
@@ -221,17 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"node-local-dns-agent {__version__}")
         return code
     if ns.print_corefile:
-        from agent.corefile import print_corefile
+        from agent.commands.print_corefile import print_corefile
 
         return print_corefile(settings)
     if ns.teardown:
-        from agent.teardown import teardown
+        from agent.node.teardown import teardown
 
         return teardown(settings)
     from agent.run import run_agent
 
     if os.getpid() == 1:  # a container's init: reap orphans and forward signals, then run the agent
-        from agent.pid1 import run_as_init
+        from agent.commands.pid1 import run_as_init
 
         return run_as_init(lambda: run_agent(settings))
     return run_agent(settings)

@@ -1,6 +1,6 @@
 """``agent`` (the run mode): builds the real parts and hands them to the supervisor.
 
-The supervisor only sees small seams (:class:`agent.supervisor.Network`, :class:`CorefileSource`); this
+The supervisor only sees small seams (:class:`agent.supervisor.loop.Network`, :class:`CorefileSource`); this
 module adapts the Corefile renderer, the watchers, the interface and the packet filter to them.
 """
 
@@ -18,19 +18,19 @@ from wsgiref.simple_server import WSGIServer
 
 import psutil
 
-from agent.cgroup import Cgroup, gomemlimit_for
-from agent.config import ConfigError, IPAddress, Settings
-from agent.coredns import CoreDnsProcess, find_orphans, with_parent_death_signal
-from agent.corefile import HEALTH_PROBE_NAME, PROBE_PORT_ENV, CorefileBuilder, write_if_changed
+from agent.coredns.cgroup import Cgroup, gomemlimit_for
+from agent.coredns.process import CoreDnsProcess, find_orphans, with_parent_death_signal
+from agent.corefile.kubedns import KEYS as KUBEDNS_KEYS
+from agent.corefile.kubedns import KubeDnsConfig, parse_kubedns
+from agent.corefile.render import HEALTH_PROBE_NAME, PROBE_PORT_ENV, CorefileBuilder, write_if_changed
 from agent.events import ApiConfigMap, ConfigChanged, Event
-from agent.health import ProbeSettings
-from agent.kubedns import KEYS as KUBEDNS_KEYS
-from agent.kubedns import KubeDnsConfig, parse_kubedns
-from agent.logs import get_logger, setup_logging
-from agent.metrics import Metrics
-from agent.sources import ApiConfigMapWatcher, DirectoryWatcher, SourceError, read_service_cluster_ip
+from agent.health.probe import ProbeSettings
+from agent.observe.logs import get_logger, setup_logging
+from agent.observe.metrics import Metrics
+from agent.settings import ConfigError, IPAddress, Settings
+from agent.sources.watchers import ApiConfigMapWatcher, DirectoryWatcher, SourceError, read_service_cluster_ip
 from agent.stopflag import StopFlag
-from agent.supervisor import EXIT_FAILED, Supervisor
+from agent.supervisor.loop import EXIT_FAILED, Supervisor
 
 log = get_logger("agent")
 
@@ -165,8 +165,8 @@ def run_agent(settings: Settings) -> int:
 
 def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, CorefileFiles]:
     """The real parts, wired. Nothing here changes the node: that starts in :meth:`Supervisor.run`."""
-    from agent.network import NodeNetwork
-    from agent.sdnotify import Notifier
+    from agent.node.network import NodeNetwork
+    from agent.observe.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
     kill_orphans(settings)
@@ -197,7 +197,7 @@ def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, 
 def _serve_metrics(
     settings: Settings, metrics: Metrics, coredns_url: Callable[[], str | None]
 ) -> WSGIServer | None:
-    from agent.metrics_http import serve_metrics
+    from agent.observe.metrics_http import serve_metrics
 
     try:
         return serve_metrics(settings.metrics_listen_address, metrics, coredns_url)

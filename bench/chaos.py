@@ -5,7 +5,7 @@ its command line and its observable behaviour only.
 
 Every iptables command the harness runs names a private lock file in the sandbox's work directory, never
 the machine's ``/run/xtables.lock``; the agents run with ``--xtables-lock`` on the same private file
-(``tests.agentproc``), which :class:`XtablesLock` holds with ``flock`` as kube-proxy would.
+(``harness.agentproc``), which :class:`XtablesLock` holds with ``flock`` as kube-proxy would.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 from bench.node import RULE_TAG, BenchError, Node
 from bench.soakplan import HOLD_LOCK, RESTARTS, Fault
 from bench.soakstats import Rule, agent_rules, difference, duplicates
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess
-from tests.configmapdir import publish
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess
+from harness.configmapdir import publish
 
 # The comment of the agent's host rules (README, "Node networking"): present only while CoreDNS is healthy.
 HOST_RULE_COMMENT = "host queries skip conntrack"

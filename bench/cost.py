@@ -23,8 +23,8 @@ import psutil
 
 from bench.node import SERVICE, BenchError, Node, python_in, spawn
 from bench.stats import median
-from tests import sandbox as sb
-from tests.agentproc import REPO, AgentProcess
+from harness import sandbox as sb
+from harness.agentproc import REPO, AgentProcess
 
 MIB = 1024 * 1024
 # What node-cache does instead, for the table (modelled, not measured): it re-checks its rules every

@@ -5,7 +5,7 @@
 
 This project cannot build node-cache (the Go module proxy refuses ``k8s.io/dns``), so ``make bench`` never
 runs this; where someone has a binary, this writes ``bench/results/crosscheck.json`` and the README section
-quotes it. node-cache runs only inside the sandbox's node namespace (:mod:`bench.nodecache`).
+quotes it. node-cache runs only inside the sandbox's node namespace (:mod:`harness.nodecache`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import nodecache
 from bench.failover import FailoverPlan, run_scenario
 from bench.node import SERVICE, Node
 from bench.report import write_atomically
-from tests import sandbox as sb
+from harness import nodecache
+from harness import sandbox as sb
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import dnsperf
 from bench.node import Node
 from bench.stats import percentile
-from tests import sandbox as sb
+from harness import dnsperf
+from harness import sandbox as sb
 
 PATHS = ("ours", "node_cache", "no_agent", "ceiling")
 TITLES = {

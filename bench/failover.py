@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench.node import KINDS, SERVICE, Kind, Node
-from tests import sandbox as sb
-from tests.agentproc import AgentProcess, own_files
-from tests.freezer import frozen
+from harness import sandbox as sb
+from harness.agentproc import AgentProcess, own_files
+from harness.freezer import frozen
 
 # The kubelet notices a dead container at its next PLEG relist (every 1 s) and restarts it at once the first
 # time (CrashLoopBackOff delays only later restarts: 10 s, doubling to 5 min). Container start-up itself is

@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 
-from agent.config import Settings
-from agent.rules import Plan, wanted_rules
-from tests import sandbox as sb
+from agent.node.rules import Plan, wanted_rules
+from agent.settings import Settings
+from harness import sandbox as sb
 
 ROUNDS = 200
 

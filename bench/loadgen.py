@@ -1,4 +1,4 @@
-"""``tests.dnsload`` with a clock the orchestrator can read: run in a pod namespace, it prints
+"""``harness.dnsload`` with a clock the orchestrator can read: run in a pod namespace, it prints
 ``start <CLOCK_MONOTONIC>`` the moment it starts sending, then dnsload's JSON summary.
 
 CLOCK_MONOTONIC is one clock for the whole machine (network namespaces do not change it), so the orchestrator
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests import dnsload
+from harness import dnsload
 
 SECOND_PREFIX = "second "
 # The soak's longest run (its 20 minutes plus margin, with room for longer runs by hand); still a bound.

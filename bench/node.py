@@ -24,9 +24,9 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-from tests import sandbox as sb
-from tests.agentproc import REPO, AgentProcess
-from tests.configmapdir import publish
+from harness import sandbox as sb
+from harness.agentproc import REPO, AgentProcess
+from harness.configmapdir import publish
 
 Kind = Literal["ours", "node_cache"]
 KINDS: tuple[Kind, ...] = ("ours", "node_cache")
@@ -35,7 +35,7 @@ BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false", "--serve-stale
 SERVICE = "web.default.svc.cluster.local"
 SERVICE_IP = "10.96.10.20"
 LOCAL_IPS = (sb.LOCAL_IP, sb.KUBE_DNS_IP)
-# Every rule the agent writes carries this tag (agent/rules.py).
+# Every rule the agent writes carries this tag (agent/node/rules.py).
 RULE_TAG = "NodeLocal DNS agent"
 
 

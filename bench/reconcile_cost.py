@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests import sandbox as sb
-from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, LOCAL_IP, LOCAL_IP6
+from harness import sandbox as sb
+from harness.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, LOCAL_IP, LOCAL_IP6
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,13 +76,13 @@ def inner(seconds: float, lock: str) -> dict[str, Any]:
     """Runs inside the node namespace."""
     import threading
 
-    from agent.config import Settings
-    from agent.interface import Interface
-    from agent.metrics import Metrics
-    from agent.netreconcile import NetworkReconciler
-    from agent.netwatch import watchers_for
-    from agent.packetfilter import PacketFilter
-    from tests.netdriver import ReconcileLoop
+    from agent.node.interface import Interface
+    from agent.node.netwatch import watchers_for
+    from agent.node.packetfilter import PacketFilter
+    from agent.node.reconcile import NetworkReconciler
+    from agent.observe.metrics import Metrics
+    from agent.settings import Settings
+    from harness.netdriver import ReconcileLoop
 
     ips = tuple(ipaddress.ip_address(i) for i in (LOCAL_IP, KUBE_DNS_IP, LOCAL_IP6, KUBE_DNS_IP6))
     settings = Settings(local_ips=ips, xtables_lock=Path(lock), sync_interval=1.0)

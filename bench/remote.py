@@ -1,5 +1,5 @@
 """The data path with kube-dns "on another node": every packet on the sandbox's kube-dns link held a modelled
-network delay each way (:func:`tests.kubednslink.delayed`; this kernel has no ``tc netem``), and the latency
+network delay each way (:func:`harness.kubednslink.delayed`; this kernel has no ``tc netem``), and the latency
 of cached names from a pod through the ClusterIP, side by side in one run: with no local cache (kube-proxy's
 DNAT to kube-dns, over the delayed link) and through the agent's cache (answered on the node).
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from bench import datapath
 from bench.node import Node
-from tests import kubednslink
-from tests import sandbox as sb
+from harness import kubednslink
+from harness import sandbox as sb
 
 PATHS = ("no_agent", "ours")
 TITLES = {

@@ -238,7 +238,7 @@ def _remote_rows(remote: Mapping[str, Any] | None, plan: Mapping[str, Any] | Non
         f"dnsperf from a pod at {plan['latency_qps']} qps for {plan['seconds']:g} s per path, the names "
         "warmed first, both paths in one run under the same delay on every packet between the node and "
         "kube-dns. The delay is made in user space (the kernel here has no `tc netem`): an NFQUEUE on "
-        "the kube-dns link, `tests/linkdelay.py`, whose worst packet left "
+        "the kube-dns link, `harness/linkdelay.py`, whose worst packet left "
         f"{fmt(late, 'ms', 2)} after its due time.",
         "",
     ]

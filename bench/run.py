@@ -25,7 +25,7 @@ from typing import Any
 from bench import cost, datapath, failover, remote, report, stale, twins
 from bench.node import Node
 from bench.stats import median, median_of_runs
-from tests import sandbox as sb
+from harness import sandbox as sb
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -68,9 +68,9 @@ from bench.soakstats import (
     summarize_log,
     verdict,
 )
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, AgentProcess
-from tests.configmapdir import publish
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, AgentProcess
+from harness.configmapdir import publish
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = "soak.json"

@@ -1,4 +1,4 @@
-"""kube-dns unreachable (every DNS packet to it dropped, :func:`tests.kubednslink.unreachable`) while a pod
+"""kube-dns unreachable (every DNS packet to it dropped, :func:`harness.kubednslink.unreachable`) while a pod
 asks, at a constant rate, for names the cache answered earlier and that have expired since: answered (stale)
 and failed queries with the agent's default ``--serve-stale`` and with it off (``--serve-stale 0``, as
 node-cache's Corefile has no ``serve_stale``).
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench.node import Node
-from tests import kubednslink
-from tests import sandbox as sb
+from harness import kubednslink
+from harness import sandbox as sb
 
 VARIANTS: dict[str, tuple[str, ...]] = {"on": (), "off": ("--serve-stale=0",)}
 TITLES = {"on": "`--serve-stale` (default: 1h, verify)", "off": "`--serve-stale 0` (node-cache's Corefile)"}

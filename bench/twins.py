@@ -23,7 +23,7 @@ import psutil
 
 from bench import failover
 from bench.node import Node
-from tests import sandbox as sb
+from harness import sandbox as sb
 
 VARIANTS: dict[str, tuple[str, ...]] = {"one": (), "twins": ("--coredns-instances", "2")}
 COLUMNS = ("one", "twins", "node_cache")

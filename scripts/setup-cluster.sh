@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cluster fixture's node parts (tests/cluster.py): Debian's containerd, runc and CNI plugins, and a pause
+# The cluster fixture's node parts (harness/cluster.py): Debian's containerd, runc and CNI plugins, and a pause
 # image made of Debian's static catatonit (`FROM scratch`, /pause), stored in the project's podman storage.
 # The Kubernetes node components (kubelet, kube-proxy, kube-controller-manager, kube-scheduler) are built with
 # the control plane by scripts/setup-controlplane.sh. Idempotent; a second when everything is there.

@@ -3,7 +3,7 @@
 # kube-controller-manager and kube-scheduler for the cluster fixture), etcd and helm, each built from the Go
 # module pinned under controlplane/ (go.mod and go.sum committed) and cached under /var/cache/node-local-dns-agent/, so a warm
 # run takes a second. Nothing is installed on the machine's PATH: the tests run these binaries by path
-# (tests/controlplane.py finds them the same way as this script).
+# (harness/controlplane.py finds them the same way as this script).
 #
 #   scripts/setup-controlplane.sh           build what is missing or out of date
 #   scripts/setup-controlplane.sh --paths   print NAME=PATH for every binary (nothing is built)

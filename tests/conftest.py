@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests import sandbox as sb
+from harness import sandbox as sb
 
 if TYPE_CHECKING:
-    from tests.cluster import Cluster, ProxyMode
+    from harness.cluster import Cluster, ProxyMode
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 _skipped_integration: list[str] = []
@@ -49,7 +49,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from tests import agentcontainer, cluster  # podman's view and the cgroups, asked when a sandbox ran
+    from harness import agentcontainer, cluster  # podman's view and the cgroups, asked when a sandbox ran
 
     leaks = (
         agentcontainer.leftovers(sb.CREATED_RUNS)
@@ -95,13 +95,13 @@ def node_sandbox(flavour: sb.Flavour) -> Iterator[sb.Sandbox]:
 
 @pytest.fixture(scope="session", params=["iptables", "nftables"])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A real single-node cluster (tests/cluster.py) per kube-proxy mode, started once for every cluster test
-    of the session: the tests run on one mode's cluster, which is removed before the other's starts."""
+    """A real single-node cluster (harness/cluster.py) per kube-proxy mode, started once for every cluster
+    test of the session: the tests run on one mode's cluster, which is removed before the other's starts."""
     yield from _cluster(request.param)
 
 
 def _cluster(mode: ProxyMode) -> Iterator[Cluster]:
-    from tests import cluster
+    from harness import cluster
 
     reason = cluster.unavailable()
     if reason:

@@ -1,6 +1,6 @@
 """The agent, for real, in the node sandbox: a pod resolving names continuously while things go wrong.
 
-Each test runs a bounded load from a pod (``tests.dnsload``) through the kube-dns ClusterIP and asserts how
+Each test runs a bounded load from a pod (``harness.dnsload``) through the kube-dns ClusterIP and asserts how
 many queries failed and what state the node is in afterwards.
 """
 
@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 import psutil
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, Load, kill_coredns_under_load, local_answers
-from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
-from tests.waiting import poll
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess, Load, kill_coredns_under_load, local_answers
+from harness.sandbox import KUBE_DNS_IP, LOCAL_IP, STUB_DOMAIN
+from harness.waiting import poll
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, AgentProcess, local_answers
-from tests.sandbox import KUBE_DNS_IP
-from tests.waiting import poll
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, AgentProcess, local_answers
+from harness.sandbox import KUBE_DNS_IP
+from harness.waiting import poll
 
 
 @contextlib.contextmanager

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess, local_answers
-from tests.sandbox import KUBE_DNS_IP
-from tests.waiting import poll
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess, local_answers
+from harness.sandbox import KUBE_DNS_IP
+from harness.waiting import poll
 
 RULE_TAG = "NodeLocal DNS agent"
 
@@ -37,7 +37,7 @@ def events_named(agent: AgentProcess, name: str) -> list[dict[str, object]]:
 
 def test_an_unexpected_error_in_the_loop_tears_down_and_exits_non_zero(box: sb.Sandbox) -> None:
     # The 5th periodic network check raises: a bug nobody planned for, once CoreDNS serves.
-    with AgentProcess(box, fault="agent.netreconcile:NetworkReconciler.reconcile:5") as agent:
+    with AgentProcess(box, fault="agent.node.reconcile:NetworkReconciler.reconcile:5") as agent:
         agent.wait_serving()
         coredns = agent.coredns_pid()
         assert agent.proc is not None
@@ -51,7 +51,7 @@ def test_an_unexpected_error_in_the_loop_tears_down_and_exits_non_zero(box: sb.S
 
 
 def test_a_dead_watcher_thread_is_noticed_and_the_agent_exits_cleanly(box: sb.Sandbox) -> None:
-    with AgentProcess(box, fault="agent.sources:DirectoryWatcher._run:1") as agent:
+    with AgentProcess(box, fault="agent.sources.watchers:DirectoryWatcher._run:1") as agent:
         assert agent.proc is not None
         assert agent.proc.wait(timeout=30) == 1
     assert any("watcher thread died" in str(e.get("cause")) for e in events_named(agent, "agent failed"))
@@ -59,7 +59,7 @@ def test_a_dead_watcher_thread_is_noticed_and_the_agent_exits_cleanly(box: sb.Sa
 
 
 def test_a_dead_prober_is_restarted_and_its_successor_brings_coredns_to_serving(box: sb.Sandbox) -> None:
-    with AgentProcess(box, fault="agent.health:Prober._run:2") as agent:  # the restarted child's prober
+    with AgentProcess(box, fault="agent.health.probe:Prober._run:2") as agent:  # the restarted child's prober
         agent.wait_serving()
         first = agent.coredns_pid()
         assert first is not None

@@ -1,9 +1,9 @@
-"""The Kubernetes API source against a real kube-apiserver and etcd (tests/controlplane.py): list then watch,
-resume after a dropped watch, bookmarks, list again after 410 Gone from a real etcd compaction, the Service's
-clusterIP. What the watcher asked for is read from the apiserver's audit log.
+"""The Kubernetes API source against a real kube-apiserver and etcd (harness/controlplane.py): list then
+watch, resume after a dropped watch, bookmarks, list again after 410 Gone from a real etcd compaction, the
+Service's clusterIP. What the watcher asked for is read from the apiserver's audit log.
 
 Faults a real apiserver does not produce on demand (HTTP 5xx answers, a 410 as the watch request's HTTP
-status) are in test_api_source_faults.py, against tests/fakeapiserver.py."""
+status) are in test_api_source_faults.py, against harness/fakeapiserver.py."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from agent.cli import main
-from agent.sources import ApiConfigMapWatcher, SourceError, read_configmap, read_service_cluster_ip
-from tests import controlplane
-from tests.controlplane import CLIENT, ControlPlane
-from tests.waiting import poll
+from agent.sources.watchers import ApiConfigMapWatcher, SourceError, read_configmap, read_service_cluster_ip
+from harness import controlplane
+from harness.controlplane import CLIENT, ControlPlane
+from harness.waiting import poll
 
 # These tests end watches every few seconds and cut connections on purpose. Now and then a TLS socket of the
 # kubernetes client's urllib3 pool, cut mid-way, is left for the garbage collector, whose ResourceWarning then

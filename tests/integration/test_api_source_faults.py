@@ -1,4 +1,4 @@
-"""The API source against tests/fakeapiserver.py, for the faults a real kube-apiserver does not produce on
+"""The API source against harness/fakeapiserver.py, for the faults a real kube-apiserver does not produce on
 demand: HTTP 5xx answers (retried with a growing backoff) and a 410 as the watch request's HTTP status. The
 rest of the API source is tested against the real one in test_api_source.py."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources import ApiConfigMapWatcher
-from tests.fakeapiserver import FakeApiServer
+from agent.sources.watchers import ApiConfigMapWatcher
+from harness.fakeapiserver import FakeApiServer
 
 NS, NAME = "kube-system", "kube-dns"
 STUBS_A = {"stubDomains": '{"acme.local": ["10.0.0.1"]}'}

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench import dnsperf
-from tests import kubednslink
-from tests import sandbox as sb
-from tests.agentproc import AgentProcess, Load
-from tests.freezer import FREEZER, frozen
+from harness import dnsperf, kubednslink
+from harness import sandbox as sb
+from harness.agentproc import AgentProcess, Load
+from harness.freezer import FREEZER, frozen
 
 BURST_QPS = 10_000
 # Long enough to matter: before the probe was resent within its round, CoreDNS's receive queue for the

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from agent import __version__
-from tests import controlplane
-from tests.controlplane import ControlPlane, helm
-from tests.manifests import (
+from harness import controlplane
+from harness.controlplane import ControlPlane, helm
+from harness.manifests import (
     API_RBAC,
     MANIFEST,
     MODES,

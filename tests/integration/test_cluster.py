@@ -1,5 +1,5 @@
-"""The shipped DaemonSet on a real single-node cluster (tests/cluster.py), kube-proxy in iptables mode and in
-nftables mode (the README's iptables-mode sed serves both).
+"""The shipped DaemonSet on a real single-node cluster (harness/cluster.py), kube-proxy in iptables mode and
+in nftables mode (the README's iptables-mode sed serves both).
 
 The manifest is installed as the README says (the documented sed, ``kubectl apply -f``), run by a real
 kubelet from the agent's image, and proven from a real pod: queries to the kube-dns ClusterIP are answered by
@@ -24,9 +24,9 @@ from typing import Any
 import psutil
 import pytest
 
-from tests import manifests
-from tests.cluster import KUBE_DNS_IP, SERVICES, STUB_DNS_IP, STUB_NAMES, Cluster
-from tests.waiting import poll
+from harness import manifests
+from harness.cluster import KUBE_DNS_IP, SERVICES, STUB_DNS_IP, STUB_NAMES, Cluster
+from harness.waiting import poll
 
 LOCAL_IP = manifests.LOCALDNS
 SERVICE = "web.default.svc.cluster.local"

@@ -1,13 +1,13 @@
-"""The control-plane fixture itself (tests/controlplane.py): the pinned release answers, authentication and
+"""The control-plane fixture itself (harness/controlplane.py): the pinned release answers, authentication and
 RBAC are on, the session's leak check sees everything it runs while it runs, and nothing is left after."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests import controlplane
-from tests import sandbox as sb
-from tests.controlplane import ControlPlane
+from harness import controlplane
+from harness import sandbox as sb
+from harness.controlplane import ControlPlane
 
 
 def test_it_runs_the_pinned_release_with_rbac_and_leaves_nothing() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import dnsperf
-from tests import sandbox as sb
-from tests.agentproc import TEMPLATE, AgentProcess
+from harness import dnsperf
+from harness import sandbox as sb
+from harness.agentproc import TEMPLATE, AgentProcess
 
 RATE, SECONDS = 10_000, 5.0
 

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent.config import Settings
-from agent.corefile import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, CorefileError
-from agent.kubedns import ConfigMapError, parse_kubedns
-from tests.corednslab import CorednsLab
+from agent.corefile.kubedns import ConfigMapError, parse_kubedns
+from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, CorefileError
+from agent.settings import Settings
+from harness.corednslab import CorednsLab
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "corefile" / "Corefile.base"

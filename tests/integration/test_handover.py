@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import (
+from harness import sandbox as sb
+from harness.agentproc import (
     AgentProcess,
     Load,
     http_status,
@@ -27,7 +27,7 @@ from tests.agentproc import (
     our_rules,
     own_files,
 )
-from tests.sandbox import KUBE_DNS_IP, LOCAL_IP
+from harness.sandbox import KUBE_DNS_IP, LOCAL_IP
 
 RATE, DURATION = 1000, 9.0
 

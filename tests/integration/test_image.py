@@ -1,4 +1,5 @@
-"""The real image under podman, run as the DaemonSet runs it (tests/agentcontainer.py) on the sandbox's node.
+"""The real image under podman, run as the DaemonSet runs it (harness/agentcontainer.py) on the sandbox's
+node.
 
 Each test starts the DaemonSet's pod from image/nodelocaldns.yaml in the node namespace and a pod resolving
 names through the kube-dns ClusterIP, then does to the container what a node does to it: probes, a SIGKILL, a
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentcontainer import PODMAN, AgentContainer, ensure_image, podman, podman_unavailable
-from tests.agentproc import (
+from harness import sandbox as sb
+from harness.agentcontainer import PODMAN, AgentContainer, ensure_image, podman, podman_unavailable
+from harness.agentproc import (
     SERVICE,
     SERVICE_IP,
     Load,
@@ -30,9 +31,9 @@ from tests.agentproc import (
     our_rules,
     query_path,
 )
-from tests.configmapdir import publish
-from tests.sandbox import KUBE_DNS_IP, STUB_DOMAIN
-from tests.waiting import poll
+from harness.configmapdir import publish
+from harness.sandbox import KUBE_DNS_IP, STUB_DOMAIN
+from harness.waiting import poll
 
 REPO = Path(__file__).resolve().parents[2]
 STUB_NAME, STUB_ANSWER = f"www.{STUB_DOMAIN}", "198.51.100.7"
@@ -94,7 +95,7 @@ def test_the_image_holds_the_working_trees_agent_and_a_stripped_pinned_coredns(
     # Every file of the installed agent package is the working tree's, and the API source's imports work
     # (the image leaves out the Kubernetes client's asyncio half).
     script = (
-        "import hashlib, json, pathlib, agent, agent.sources\n"
+        "import hashlib, json, pathlib, agent, agent.sources.watchers\n"
         "from kubernetes import client, config, watch\n"
         "from kubernetes.client.exceptions import ApiException\n"
         "root = pathlib.Path(agent.__file__).parent\n"
@@ -130,7 +131,8 @@ def test_a_pods_queries_are_answered_by_the_containers_coredns_without_conntrack
         pod.wait_serving()
         assert local_answers(box)
         processes = pod.processes()
-        # The image's entrypoint is the container's PID 1, which forks the agent once (agent/pid1.py).
+        # The image's entrypoint is the container's PID 1, which forks the agent once
+        # (agent/commands/pid1.py).
         assert [pid for pid, _ in processes["agent"]][:1] == [1] and len(processes["agent"]) == 2, processes
         (coredns,) = processes["coredns"]
         # What holds the ClusterIP's port 53 in the node's namespace is the container's CoreDNS.

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Settings
-from agent.corefile import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
-from agent.sources import DirectoryWatcher
-from tests import sandbox as sb
-from tests.configmapdir import publish
-from tests.waiting import poll
+from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
+from agent.settings import Settings
+from agent.sources.watchers import DirectoryWatcher
+from harness import sandbox as sb
+from harness.configmapdir import publish
+from harness.waiting import poll
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The shipped manifests applied to a real kube-apiserver (tests/controlplane.py), with the pinned kubectl:
+"""The shipped manifests applied to a real kube-apiserver (harness/controlplane.py), with the pinned kubectl:
 accepted by a server-side dry run after the documented sed for each kube-proxy mode; the API RBAC grants the
 agent's ServiceAccount exactly what the agent reads; and the real agent, with that account's token from the
 TokenRequest API mounted as the kubelet mounts it, reads the kube-dns ConfigMap and the upstream Service."""
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests import controlplane
-from tests import sandbox as sb
-from tests.agentproc import AgentProcess
-from tests.controlplane import ControlPlane
-from tests.manifests import API_RBAC, MODES, objects, run_sed
-from tests.waiting import poll
+from harness import controlplane
+from harness import sandbox as sb
+from harness.agentproc import AgentProcess
+from harness.controlplane import ControlPlane
+from harness.manifests import API_RBAC, MODES, objects, run_sed
+from harness.waiting import poll
 
 AGENT_SA = "system:serviceaccount:kube-system:node-local-dns"
 STUB_NAME = f"www.{sb.STUB_DOMAIN}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import time
 
-from tests import sandbox as sb
-from tests.agentproc import SERVICE, SERVICE_IP, AgentProcess
+from harness import sandbox as sb
+from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess
 
 
 def sample(text: str, name: str) -> float:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.rules import wanted_rules
-from tests import sandbox as sb
-from tests.netdriver import REPO, DriverError, NetDriver
-from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, LOCAL_IP, LOCAL_IP6
-from tests.waiting import poll
+from agent.node.rules import wanted_rules
+from harness import sandbox as sb
+from harness.netdriver import REPO, DriverError, NetDriver
+from harness.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, LOCAL_IP, LOCAL_IP6
+from harness.waiting import poll
 
 NAME = "web.default.svc.cluster.local"
 KUBE_DNS_ANSWER = "10.96.10.20"

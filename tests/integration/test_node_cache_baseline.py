@@ -2,7 +2,7 @@
 
 Pins what the benchmarks rely on: node-cache answers the ClusterIP locally with its untracked rule set (no
 socket match), a SIGKILL leaves that rule set behind and the ClusterIP blackholed, a SIGTERM removes it.
-Skipped only where there is no node-cache binary (this project cannot build one; see bench/nodecache.py).
+Skipped only where there is no node-cache binary (this project cannot build one; see harness/nodecache.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from bench import nodecache as nc
-from tests import sandbox as sb
-from tests.sandbox import KUBE_DNS_IP, LOCAL_IP, SERVICES, STUB_DOMAIN
+from harness import nodecache as nc
+from harness import sandbox as sb
+from harness.sandbox import KUBE_DNS_IP, LOCAL_IP, SERVICES, STUB_DOMAIN
 
 _reason = nc.unavailable()
 pytestmark = [

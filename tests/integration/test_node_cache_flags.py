@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 
-from tests import sandbox as sb
-from tests.agentproc import REPO, SERVICE, SERVICE_IP, AgentProcess
+from harness import sandbox as sb
+from harness.agentproc import REPO, SERVICE, SERVICE_IP, AgentProcess
 
 # A template whose zones name no port, as CoreDNS allows: they follow -dns.port.
 PORTLESS_TEMPLATE = """\

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import REPO, SERVICE, AgentProcess, kill_coredns_under_load, local_answers
-from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, LOCAL_IP, LOCAL_IP6
+from harness import sandbox as sb
+from harness.agentproc import REPO, SERVICE, AgentProcess, kill_coredns_under_load, local_answers
+from harness.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, LOCAL_IP, LOCAL_IP6
 
 NODE_CACHE = "NodeLocal DNS Cache"
 # Another program's rule in the same chains, close to node-cache's: it must stay.

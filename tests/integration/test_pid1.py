@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 # unless PID 1 reaps it), reports, then waits for SIGTERM and exits 7.
 INIT = """
 import os, signal, subprocess, sys, time
-from agent.pid1 import run_as_init
+from agent.commands.pid1 import run_as_init
 
 def fake_agent() -> int:
     subprocess.Popen(["sh", "-c", "sleep 0.2 & exit 0"]).wait()   # the sleep is orphaned to PID 1

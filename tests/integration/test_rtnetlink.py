@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import REPO
+from harness import sandbox as sb
+from harness.agentproc import REPO
 
 # Runs inside the namespace: every request of the seam, printing what it saw as JSON lines.
 SCRIPT = r"""
 import errno, ipaddress, json, subprocess
-from agent.interface import Address, IFA_F_NODAD
-from agent.rtnetlink import RtNetlink
+from agent.node.interface import Address, IFA_F_NODAD
+from agent.node.rtnetlink import RtNetlink
 
 nl = RtNetlink()
 def say(**kw): print(json.dumps(kw), flush=True)
@@ -92,8 +92,8 @@ def test_every_request_the_interface_needs_works_on_the_real_kernel(netns: str) 
 def test_an_ipv6_address_added_without_dad_is_usable_at_once(netns: str) -> None:
     script = (
         "import ipaddress, socket\n"
-        "from agent.interface import Address, IFA_F_NODAD\n"
-        "from agent.rtnetlink import RtNetlink\n"
+        "from agent.node.interface import Address, IFA_F_NODAD\n"
+        "from agent.node.rtnetlink import RtNetlink\n"
         "nl = RtNetlink()\n"
         "nl.add_link('nld1', 'bridge'); i = nl.find_link('nld1').index; nl.set_up(i)\n"
         "nl.add_address(i, Address(ipaddress.ip_address('fd00::10'), 128), IFA_F_NODAD)\n"

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests import sandbox as sb
-from tests.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, SERVICES, STUB_DOMAIN
-from tests.waiting import poll
+from harness import sandbox as sb
+from harness.sandbox import KUBE_DNS_IP, KUBE_DNS_IP6, KUBE_DNS_UPSTREAM_IP, SERVICES, STUB_DOMAIN
+from harness.waiting import poll
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def dnspython(box: sb.Sandbox, ns: str, server: str, name: str, *extra: str) -> dict[str, object]:
-    out = box.exec(ns, [sys.executable, "-m", "tests.dnsclient", "query", server, name, *extra], check=False)
+    out = box.exec(
+        ns, [sys.executable, "-m", "harness.dnsclient", "query", server, name, *extra], check=False
+    )
     result: dict[str, object] = json.loads(out)
     return result
 
@@ -114,7 +116,7 @@ def test_sandbox_is_removed_when_the_body_raises() -> None:
 def test_sandbox_is_removed_on_ctrl_c_and_sigterm(signum: int) -> None:
     code = (
         "import sys, time\n"
-        "from tests import sandbox as sb\n"
+        "from harness import sandbox as sb\n"
         "with sb.sandbox('nft') as box:\n"
         "    print(box.run_id, flush=True)\n"
         "    time.sleep(60)\n"

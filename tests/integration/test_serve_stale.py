@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import kubednslink
-from tests import sandbox as sb
-from tests.agentproc import AgentProcess
-from tests.waiting import poll
+from harness import kubednslink
+from harness import sandbox as sb
+from harness.agentproc import AgentProcess
+from harness.waiting import poll
 
 NAME, ADDRESS = next(iter(sb.SERVICES.short_lived.items()))
 # The cache keeps a 1 s record for CoreDNS's minimum TTL, 5 s: wait past it.

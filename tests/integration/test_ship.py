@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import sandbox as sb
-from tests.agentproc import REPO, http_status
+from harness import sandbox as sb
+from harness.agentproc import REPO, http_status
+from harness.waiting import poll
 from tests.unit.test_manifest import LOCALDNS, run_sed
 from tests.unit.test_systemd_unit import UNIT, load_unit
-from tests.waiting import poll
 
 CAPABILITIES = sorted(
     c.removeprefix("CAP_").lower()

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from tests import sandbox as sb
-from tests.agentproc import AgentProcess, Load, interface_exists, local_answers, our_rules, own_files
-from tests.sandbox import KUBE_DNS_IP, LOCAL_IP
+from harness import sandbox as sb
+from harness.agentproc import AgentProcess, Load, interface_exists, local_answers, our_rules, own_files
+from harness.sandbox import KUBE_DNS_IP, LOCAL_IP
 
 TWINS = ["--coredns-instances", "2"]
 RATE, DURATION = 1000, 6.0

@@ -8,10 +8,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.interface import Address, Link
-from agent.metrics import Metrics
-from agent.rules import Family
-from agent.xtables import PacketFilterInterruptError, Result
+from agent.node.interface import Address, Link
+from agent.node.rules import Family
+from agent.node.xtables import PacketFilterInterruptError, Result
+from agent.observe.metrics import Metrics
 
 BUILTIN = {"raw": ("PREROUTING", "OUTPUT"), "filter": ("INPUT", "FORWARD", "OUTPUT")}
 LOCK_BUSY = "Another app is currently holding the xtables lock. Stopped waiting after 1s.\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cgroup import Cgroup, gomemlimit_for
+from agent.coredns.cgroup import Cgroup, gomemlimit_for
 
 V2_EVENTS = "low 0\nhigh 0\nmax 41\noom 3\noom_kill 2\noom_group_kill 0\n"
 V1_OOM_CONTROL = "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"

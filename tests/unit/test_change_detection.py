@@ -6,14 +6,14 @@ import ipaddress
 import struct
 from pathlib import Path
 
-from agent.config import Settings
-from agent.fingerprint import chain_bytes
-from agent.interface import Address, Interface
-from agent.metrics import Metrics
-from agent.netreconcile import NetworkReconciler
-from agent.netwatch import InterfaceWatcher, NftablesWatcher
-from agent.packetfilter import PacketFilter
-from agent.xtables import Xtables
+from agent.node.fingerprint import chain_bytes
+from agent.node.interface import Address, Interface
+from agent.node.netwatch import InterfaceWatcher, NftablesWatcher
+from agent.node.packetfilter import PacketFilter
+from agent.node.reconcile import NetworkReconciler
+from agent.node.xtables import Xtables
+from agent.observe.metrics import Metrics
+from agent.settings import Settings
 from tests.unit.fakes import FakeIptables, FakeNetlink, sample
 
 HEADER = {4: 112, 6: 168}  # sizeof(struct ipt_entry), sizeof(struct ip6t_entry)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from agent.check import check, readiness
-from agent.config import Settings
-from agent.status import Status, now, write_status
+from agent.commands.check import check, readiness
+from agent.observe.status import Status, now, write_status
+from agent.settings import Settings
 
 
 def settings_with(tmp_path: Path, **changes: Any) -> Settings:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import parse
-from agent.config import ConfigError, Settings, parse_duration
+from agent.settings import ConfigError, Settings, parse_duration
 
 UPSTREAM_MANIFEST_ARGS = [
     "-localip", "169.254.20.10,10.96.0.10", "-conf", "/etc/Corefile", "-upstreamsvc", "kube-dns-upstream",

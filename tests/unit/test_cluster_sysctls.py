@@ -1,6 +1,6 @@
-"""The cluster fixture's record of the host-wide sysctls the kubelet changes (tests/cluster.py), on files of a
-temporary directory in place of /proc/sys: clusters that overlap put the machine's values back, whatever order
-they stop in, and a start repairs what crashed clusters left."""
+"""The cluster fixture's record of the host-wide sysctls the kubelet changes (harness/cluster.py), on files of
+a temporary directory in place of /proc/sys: clusters that overlap put the machine's values back, whatever
+order they stop in, and a start repairs what crashed clusters left."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import cluster
-from tests import sandbox as sb
+from harness import cluster
+from harness import sandbox as sb
 
 MACHINE = {"vm/overcommit_memory": "0", "kernel/panic": "1", "kernel/panic_on_oops": "0"}
 KUBELET = {"vm/overcommit_memory": "1", "kernel/panic": "10", "kernel/panic_on_oops": "1"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 
-from agent.coredns import CoreDnsProcess
+from agent.coredns.process import CoreDnsProcess
 from agent.events import ChildExited, Event
 
 

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.config import Settings
-from agent.corefile import (
+from agent.corefile.kubedns import ConfigMapError, KubeDnsConfig
+from agent.corefile.render import (
     CorefileBuilder,
     CorefileError,
     Rendered,
     service_host_variable,
     write_if_changed,
 )
-from agent.kubedns import ConfigMapError, KubeDnsConfig
-from tests.configmapdir import publish
+from agent.settings import Settings
+from harness.configmapdir import publish
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base"
 LOCAL = ipaddress.ip_address("169.254.20.10")

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.corefile import (
+from agent.corefile.kubedns import KubeDnsConfig, parse_kubedns
+from agent.corefile.render import (
     HEALTH_PROBE_ANSWER,
     HEALTH_PROBE_NAME,
     CorefileError,
@@ -22,7 +23,6 @@ from agent.corefile import (
     serve_stale_directive,
     server_blocks,
 )
-from agent.kubedns import KubeDnsConfig, parse_kubedns
 
 TEMPLATE = (Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base").read_text()
 LOCAL = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))

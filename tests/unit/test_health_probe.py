@@ -22,7 +22,7 @@ import dns.rrset
 import pytest
 
 from agent.events import Event, ProbeResult
-from agent.health import (
+from agent.health.probe import (
     MAX_BUSY_ROUNDS,
     BusyMeter,
     KernelView,
@@ -34,7 +34,7 @@ from agent.health import (
     probe_dns,
     probe_query,
 )
-from tests.waiting import poll
+from harness.waiting import poll
 
 
 @pytest.mark.parametrize("name", ["health.node-local-dns.", "health.node-local-dns", "a.b.c.example."])

@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from agent.interface import IFA_F_NODAD, Address, Interface, InterfaceError, Link
-from agent.metrics import Metrics
+from agent.node.interface import IFA_F_NODAD, Address, Interface, InterfaceError, Link
+from agent.observe.metrics import Metrics
 from tests.unit.fakes import FakeNetlink, sample
 
 IPS = [ipaddress.ip_address(i) for i in ("169.254.20.10", "fd00::10")]

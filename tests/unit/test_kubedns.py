@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.kubedns import (
+from agent.corefile.kubedns import (
     MAX_STUB_DOMAINS,
     MAX_VALUE_BYTES,
     ConfigMapError,
@@ -15,7 +15,7 @@ from agent.kubedns import (
     parse_kubedns,
     read_kubedns_dir,
 )
-from tests.configmapdir import publish
+from harness.configmapdir import publish
 
 
 def test_stub_domains_and_upstreams_are_parsed_and_normalised() -> None:

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 WRITER = textwrap.dedent(
     """
     import threading, time
-    from agent.coredns import OutputPump
-    from agent.logs import get_logger, setup_logging
+    from agent.coredns.process import OutputPump
+    from agent.observe.logs import get_logger, setup_logging
 
     setup_logging("json")
     log = get_logger("test")

@@ -14,11 +14,11 @@ import pytest
 
 from agent import __version__
 from agent.cli import parse
-from agent.config import Settings
-from agent.corefile import CorefileBuilder, server_blocks
-from agent.kubedns import KubeDnsConfig
-from agent.supervisor import Timing
-from tests.manifests import (
+from agent.corefile.kubedns import KubeDnsConfig
+from agent.corefile.render import CorefileBuilder, server_blocks
+from agent.settings import Settings
+from agent.supervisor.loop import Timing
+from harness.manifests import (
     API_RBAC,
     DOMAIN,
     KUBEDNS,

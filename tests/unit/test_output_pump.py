@@ -9,7 +9,7 @@ import time
 
 import structlog.testing
 
-from agent.coredns import OutputPump
+from agent.coredns.process import OutputPump
 
 
 def test_plain_lines_pass_through_unchanged(tmp_path: object) -> None:

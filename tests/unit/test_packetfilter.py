@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Settings
-from agent.metrics import Metrics
-from agent.packetfilter import PacketFilter
-from agent.rules import wanted_rules
-from agent.xtables import (
+from agent.node.packetfilter import PacketFilter
+from agent.node.rules import wanted_rules
+from agent.node.xtables import (
     Mode,
     PacketFilterError,
     PacketFilterInterruptError,
@@ -21,6 +19,8 @@ from agent.xtables import (
     Xtables,
     XtablesLockError,
 )
+from agent.observe.metrics import Metrics
+from agent.settings import Settings
 from tests.unit.fakes import FakeIptables, sample
 
 IPS = ("169.254.20.10", "10.96.0.10", "fd00::10")

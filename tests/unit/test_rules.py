@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from agent.rules import (
+from agent.node.rules import (
     ALLOW_DNS,
     HEALTH_PROBES,
     HOST_QUERIES,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.sdnotify import Notifier, NotifyError, SocketNotifier, parse_address, parse_watchdog
+from agent.observe.sdnotify import Notifier, NotifyError, SocketNotifier, parse_address, parse_watchdog
 
 
 @pytest.fixture

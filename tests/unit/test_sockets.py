@@ -6,8 +6,8 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from agent.sockets import Listener, UdpQueues, _address, listeners, serves
-from tests.waiting import poll
+from agent.node.sockets import Listener, UdpQueues, _address, listeners, serves
+from harness.waiting import poll
 
 LOCAL = ipaddress.ip_address("169.254.20.10")
 V6 = ipaddress.ip_address("fd00::10")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.kubedns import read_kubedns_dir
-from agent.sources import DirectoryWatcher, SourceError
-from tests.configmapdir import publish
+from agent.corefile.kubedns import read_kubedns_dir
+from agent.sources.watchers import DirectoryWatcher, SourceError
+from harness.configmapdir import publish
 
 
 class Calls:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cgroup import Cgroup
-from agent.config import ConfigError, Settings
+from agent.coredns.cgroup import Cgroup
 from agent.events import (
     ApiConfigMap,
     ChildExited,
@@ -24,9 +23,10 @@ from agent.events import (
     ProbeResult,
     Signal,
 )
-from agent.health import ProbeSettings
-from agent.states import CoreDnsState
-from agent.supervisor import Supervisor
+from agent.health.probe import ProbeSettings
+from agent.settings import ConfigError, Settings
+from agent.supervisor.loop import Supervisor
+from agent.supervisor.states import CoreDnsState
 from tests.unit.fakes import sample
 
 
@@ -138,7 +138,7 @@ class FakeChild:
         self.index = 0  # the instance it was launched for
 
     def start(self) -> int:
-        from agent.coredns import CoreDnsStartError
+        from agent.coredns.process import CoreDnsStartError
 
         if self.fail_start:
             raise CoreDnsStartError("cannot run /nope/coredns: No such file or directory")
@@ -429,7 +429,7 @@ def test_the_periodic_check_reconciles_the_network(h: Harness, capsys: pytest.Ca
 
 
 def test_status_file_reports_the_state_for_the_liveness_check(h: Harness) -> None:
-    from agent.status import read_status
+    from agent.observe.status import read_status
 
     h.probe(ok=True)
     status = read_status(h.sup.settings.status_file)
@@ -491,7 +491,7 @@ class _Notifier:
 def test_an_unexpected_error_in_the_loop_is_logged_once_then_the_same_shutdown_runs_and_exits_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.rules import RuleSyntaxError
+    from agent.node.rules import RuleSyntaxError
 
     h = build(tmp_path)
 
@@ -605,7 +605,7 @@ def test_a_failed_first_install_is_not_reported_as_serving_until_the_rules_are_i
     assert h.sup.state is CoreDnsState.RUNNING
     assert not h.sup.serving and notifier.sent == []
     assert sample(h.sup.metrics, "nodelocaldns_agent_serving") == 0
-    from agent.status import read_status
+    from agent.observe.status import read_status
 
     assert read_status(h.sup.settings.status_file).serving is False
     h.network.fail_install = False  # the lock is free again: the reconcile retries and succeeds

@@ -27,19 +27,19 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import agent.packetfilter
-from agent.config import ConfigError, Settings
+import agent.node.packetfilter
 from agent.events import ChildExited, ChildOutput, ChildStopped, ConfigChanged, Event, ProbeResult, Signal
-from agent.health import ProbeSettings
-from agent.interface import Interface
-from agent.metrics import Metrics
-from agent.network import NodeNetwork
-from agent.packetfilter import PacketFilter
-from agent.rules import HOST_QUERIES, SKIP_CONNTRACK, TAG
-from agent.states import CoreDnsState
+from agent.health.probe import ProbeSettings
+from agent.node.interface import Interface
+from agent.node.network import NodeNetwork
+from agent.node.packetfilter import PacketFilter
+from agent.node.rules import HOST_QUERIES, SKIP_CONNTRACK, TAG
+from agent.node.xtables import Xtables
+from agent.observe.metrics import Metrics
+from agent.settings import ConfigError, Settings
 from agent.stopflag import StopFlag
-from agent.supervisor import Supervisor, Timing
-from agent.xtables import Xtables
+from agent.supervisor.loop import Supervisor, Timing
+from agent.supervisor.states import CoreDnsState
 from tests.unit.fakes import FakeIptables, FakeNetlink
 
 LOCAL_IPS = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))
@@ -472,7 +472,7 @@ class SupervisorModel(RuleBasedStateMachine):
 
 @pytest.fixture(autouse=True)
 def _no_real_lock_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent.packetfilter, "_LOCK_RETRY_PAUSE", 0.0)
+    monkeypatch.setattr(agent.node.packetfilter, "_LOCK_RETRY_PAUSE", 0.0)
 
 
 TestSupervisorModel = SupervisorModel.TestCase

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from agent.cli import parse
-from agent.config import parse_duration
-from agent.sdnotify import parse_watchdog
-from agent.supervisor import Timing
+from agent.observe.sdnotify import parse_watchdog
+from agent.settings import parse_duration
+from agent.supervisor.loop import Timing
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "image" / "node-local-dns.service"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from agent.config import Settings
-from agent.metrics import Metrics
-from agent.teardown import remove_leftover_rules
-from agent.xtables import Xtables, XtablesUnavailableError
+from agent.node.teardown import remove_leftover_rules
+from agent.node.xtables import Xtables, XtablesUnavailableError
+from agent.observe.metrics import Metrics
+from agent.settings import Settings
 from tests.unit.fakes import FakeIptables, sample
 
 TAGGED = '-d 10.96.0.10/32 -p udp -m comment --comment "NodeLocal DNS agent: host queries" -j CT --notrack'

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.xtables import (
+from agent.node.xtables import (
     PacketFilterError,
     PacketFilterInterruptError,
     Result,

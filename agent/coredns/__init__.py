@@ -1,0 +1,1 @@
+"""CoreDNS, the child process: launch, output, memory limit and OOM accounting."""

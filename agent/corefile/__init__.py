@@ -1,0 +1,1 @@
+"""The Corefile: parsed, rendered from the template and the kube-dns ConfigMap."""

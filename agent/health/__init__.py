@@ -1,0 +1,1 @@
+"""Health of a CoreDNS child: probes and hang detection."""

@@ -1,0 +1,1 @@
+"""What the agent tells the world: logs, metrics, the status file, sd_notify."""

@@ -1,0 +1,2 @@
+"""What builds sandboxes, clusters, control planes, containers and load for the tests, benchmarks
+and demos."""
