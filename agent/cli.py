@@ -164,18 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
       help="answer from expired cache entries this long when kube-dns fails (1h; 0: off)")  # fmt: skip
     b("--serve-stale-mode", dest="serve_stale_mode", choices=["verify", "immediate"],
       help="verify (default): ask kube-dns first; immediate: the stale answer at once")  # fmt: skip
-    _bool_flag(
-        ours,
-        "socket_gate",
-        "--socket-gate",
-        help="gate pod interception on CoreDNS's socket (default true; false = node-cache's rules)",
-    )
-    _bool_flag(
-        ours,
-        "host_failover",
-        "--host-failover",
-        help="drop host rules while CoreDNS is unhealthy (default true; false = node-cache)",
-    )
     b("--coredns-instances", dest="coredns_instances", type=int, metavar="N",
       help="CoreDNS processes sharing the DNS sockets, each restarted on its own (default 1)")  # fmt: skip
     b("--coredns-probe-port", dest="coredns_probe_port", type=int, metavar="PORT",
@@ -225,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return print_corefile(settings)
     if ns.teardown:
-        from agent.node.teardown import teardown
+        from agent.commands.teardown import teardown
 
         return teardown(settings)
     from agent.run import run_agent

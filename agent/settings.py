@@ -99,15 +99,12 @@ class Settings:
     serve_stale_mode: ServeStaleMode = "verify"
     # CoreDNS processes on the same sockets (SO_REUSEPORT), each supervised on its own: with 2, a crash or a
     # hang of one leaves the other serving, even for pods that query the link-local address directly (IPVS
-    # mode, a custom dnsConfig). Each has its own cache. 1 is node-cache's shape (README: "CoreDNS twins").
+    # mode, a custom dnsConfig). Each has its own cache. 1 is node-cache's shape (docs/upgrades.md, "CoreDNS
+    # twins").
     coredns_instances: int = 1
     # With twins, instance N answers the agent's probe on twin_probe_address() at this port + N (the
     # shared port cannot tell them apart: the kernel hands a probe to any of them).
     coredns_probe_port: int = 5301
-    # node-cache's behaviour, for the benchmarks' side-by-side baseline only: no kernel gate on the pod
-    # rules (socket_gate=False) and host rules kept whatever CoreDNS's health (host_failover=False).
-    socket_gate: bool = True
-    host_failover: bool = True
 
     def __post_init__(self) -> None:
         if len(set(self.local_ips)) != len(self.local_ips):

@@ -172,9 +172,9 @@ class NftGeneration:
                 data = sock.recv(4096)
         except OSError:
             return None
-        for mtype, payload in netlink.messages(data):
-            if mtype == (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWGEN:
-                for atype, value in netlink.attributes(payload, 4):
+        for message in netlink.messages(data):
+            if message.type == (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWGEN:
+                for atype, value in netlink.attributes(message.payload, 4):
                     if atype == _NFTA_GEN_ID and len(value) >= 4:
                         return int(struct.unpack(">I", value[:4])[0])
         return None

@@ -11,11 +11,16 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
+from agent.node.links import Address, Link, Netlink
+from agent.node.rtnetlink import RtNetlink
 from agent.observe.logs import get_logger
 from agent.observe.metrics import Metrics
 from agent.settings import IPAddress
+
+# Link and Address are read here by the tests' fakes too; they live in agent.node.links.
+__all__ = ["IFA_F_NODAD", "Address", "Interface", "InterfaceError", "Link", "Netlink"]
 
 IFA_F_NODAD = 0x02
 _T = TypeVar("_T")
@@ -28,36 +33,7 @@ class InterfaceError(RuntimeError):
     """The interface or an address could not be read or changed; the message says which and why."""
 
 
-@dataclass(frozen=True)
-class Link:
-    index: int
-    kind: str | None
-    up: bool
-    ports: int  # links enslaved to this one (a bridge's ports)
-
-
-@dataclass(frozen=True)
-class Address:
-    ip: IPAddress
-    prefixlen: int
-
-
-class Netlink(Protocol):
-    """The few netlink calls the interface needs; raises OSError with the kernel's errno."""
-
-    def find_link(self, name: str) -> Link | None: ...
-    def add_link(self, name: str, kind: str) -> None: ...
-    def set_up(self, index: int) -> None: ...
-    def addresses(self, index: int) -> list[Address]: ...
-    def add_address(self, index: int, address: Address, flags: int) -> None: ...
-    def delete_address(self, index: int, address: Address) -> None: ...
-    def delete_link(self, index: int) -> None: ...
-    def close(self) -> None: ...
-
-
 def _rtnetlink() -> Netlink:
-    from agent.node.rtnetlink import RtNetlink  # it imports this module's Link and Address
-
     return RtNetlink()
 
 

@@ -121,9 +121,7 @@ class Watcher:
                     raise
                 relevant = True  # notifications were lost: assume the worst
                 continue
-            relevant = (
-                any(self.relevant(mtype, payload) for mtype, payload in netlink.messages(data)) or relevant
-            )
+            relevant = any(self.relevant(m.type, m.payload) for m in netlink.messages(data)) or relevant
 
     def _post(self) -> None:
         try:

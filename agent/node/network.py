@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 from agent.events import Event, NetworkChanged
-from agent.node.agents import NodeLock, NodeLockError
+from agent.node import teardown
 from agent.node.interface import Interface, InterfaceError
 from agent.node.netwatch import Watchers, watchers_for
+from agent.node.nodelock import NodeLock, NodeLockError
 from agent.node.packetfilter import PacketFilter
 from agent.node.reconcile import NetworkReconciler
-from agent.node.teardown import remove_leftover_rules
 from agent.node.xtables import PacketFilterError, PacketFilterInterruptError, Xtables
 from agent.observe.logs import get_logger
 from agent.observe.metrics import Metrics
@@ -59,9 +59,10 @@ class NodeNetwork:
         self.reconciler = NetworkReconciler(self.interface, self.packet_filter, metrics)
         self._watchers: Watchers | None = None
 
-    def remove_leftovers(self) -> None:
-        """Join the node's agents; an earlier run's leftovers go only when no other agent is alive (a live
-        agent's rules look just like leftovers)."""
+    def join_node(self) -> None:
+        """Join the node's agents (take the agents lock for this agent's life). An earlier run's leftovers
+        (and node-cache's rules) are removed only when no other agent is alive: a live agent's rules look
+        just like leftovers, so with another agent here they are kept."""
         try:
             self.node_lock.join()
         except NodeLockError as exc:
@@ -72,14 +73,15 @@ class NodeNetwork:
                          leftovers="kept: they are its rules")  # fmt: skip
                 return
             try:
-                remove_leftover_rules(self.settings, self.metrics, backends=self.leftover_backends)
+                teardown.remove_leftover_rules(self.settings, self.metrics, backends=self.leftover_backends)
             except PacketFilterError as exc:
                 log.error("leftover rules not removed", error=str(exc), cause="retried by the next install")
 
     @contextlib.contextmanager
-    def leaving(self, timeout: float) -> Iterator[bool]:
-        """The shutdown runs inside: True when this agent is the node's last and removes what it installed;
-        False when another agent stays, relying on the rules and the interface (only CoreDNS is stopped)."""
+    def leave_node(self, timeout: float) -> Iterator[bool]:
+        """Leave the node's agents; the shutdown runs inside. Yields True when this agent is the node's last
+        and removes what it installed; False when another agent stays, relying on the rules and the
+        interface (only CoreDNS is stopped). The agents lock is released on the way out."""
         with self.node_lock.turn(timeout):
             last = not self.node_lock.others_alive()
             if not last:
@@ -153,31 +155,19 @@ class NodeNetwork:
             log.error("reconcile failed", error=str(exc), cause="retried at the next tick")
             return []
 
+    # The shutdown's steps: the removal is agent.node.teardown's ---------------------------------------------
     def remove_rules(self, deadline: float) -> None:
         """Every tagged rule, within ``deadline`` even when the xtables lock is held."""
-        if self.packet_filter is not None:
-            try:
-                self.packet_filter.remove_all(deadline=deadline)
-            except PacketFilterError as exc:
-                log.error("rules not removed", error=str(exc), cause="the next start removes them")
+        teardown.remove_rules(self.packet_filter, deadline=deadline)
 
     def remove_host_rules(self, deadline: float) -> None:
         """At a shutdown that leaves the rest in place: host queries must not follow a stopping CoreDNS."""
-        if self.packet_filter is not None:
-            try:
-                self.packet_filter.remove_host_rules(deadline=deadline)
-            except PacketFilterError as exc:
-                log.error("host rules not removed", error=str(exc), cause="the next start removes them")
+        teardown.remove_host_rules(self.packet_filter, deadline=deadline)
 
     def remove_interface(self) -> None:
         """The addresses and the interface: after the rules (the other order would, for a moment, send host
         queries to an address nobody holds) and after CoreDNS let go of the addresses."""
-        if self.interface is not None:
-            try:
-                self.interface.remove()
-            except InterfaceError as exc:
-                log.error("interface not removed", error=str(exc))
-            self.interface.close()
+        teardown.remove_interface(self.interface)
 
     def start_watchers(self, post: Callable[[Event], None]) -> None:
         def changed(source: str) -> None:

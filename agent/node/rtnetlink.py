@@ -4,8 +4,8 @@ delete addresses, delete a link.
 Seven requests do not need a netlink library: pyroute2, which did this before, costs about 20 MiB of memory
 at import on every node for the whole life of the agent, which is most of the agent's footprint. Each request
 waits for the kernel's acknowledgement; a refusal is raised as ``OSError`` with the kernel's errno, as the
-:class:`agent.node.interface.Netlink` seam expects. Formats: ``linux/rtnetlink.h``, ``linux/if_link.h``,
-``linux/if_addr.h``.
+:class:`agent.node.links.Netlink` seam expects. Replies are walked by :mod:`agent.node.netlink`. Formats:
+``linux/rtnetlink.h``, ``linux/if_link.h``, ``linux/if_addr.h``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import struct
 from collections.abc import Iterator
 
 from agent.node import netlink
-from agent.node.interface import Address, Link
+from agent.node.links import Address, Link
+from agent.node.netlink import attribute
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -35,14 +36,8 @@ NLA_F_NESTED = 0x8000
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 _U32 = struct.Struct("=I")
-_ERRNO = struct.Struct("=i")
 _RECV = 1 << 16
 _TIMEOUT = 5.0  # seconds: the kernel answers at once; a bound, not an expected wait
-
-
-def attr(atype: int, value: bytes) -> bytes:
-    header = netlink.NLATTR.pack(netlink.NLATTR.size + len(value), atype)
-    return (header + value).ljust(netlink.align(len(header) + len(value)), b"\0")
 
 
 def _string(value: str) -> bytes:
@@ -50,7 +45,7 @@ def _string(value: str) -> bytes:
 
 
 class RtNetlink:
-    """:class:`agent.node.interface.Netlink` over one NETLINK_ROUTE socket, opened on first use."""
+    """:class:`agent.node.links.Netlink` over one NETLINK_ROUTE socket, opened on first use."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
@@ -58,7 +53,7 @@ class RtNetlink:
 
     # The seam --------------------------------------------------------------------------------------------
     def find_link(self, name: str) -> Link | None:
-        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _string(name))
+        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attribute(IFLA_IFNAME, _string(name))
         try:
             (payload,) = list(self._request(RTM_GETLINK, request, 0))
         except OSError as exc:
@@ -76,8 +71,8 @@ class RtNetlink:
         return Link(index=index, kind=kind, up=bool(flags & IFF_UP), ports=ports)
 
     def add_link(self, name: str, kind: str) -> None:
-        info = attr(IFLA_LINKINFO | NLA_F_NESTED, attr(IFLA_INFO_KIND, kind.encode()))
-        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _string(name)) + info
+        info = attribute(IFLA_LINKINFO | NLA_F_NESTED, attribute(IFLA_INFO_KIND, kind.encode()))
+        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attribute(IFLA_IFNAME, _string(name)) + info
         self._command(RTM_NEWLINK, request, NLM_F_CREATE | NLM_F_EXCL)
 
     def set_up(self, index: int) -> None:
@@ -118,29 +113,20 @@ class RtNetlink:
         sock = self._socket()
         self._seq += 1
         seq = self._seq
-        header = netlink.NLMSGHDR.pack(
-            netlink.NLMSGHDR.size + len(payload), mtype, netlink.NLM_F_REQUEST | flags, seq, 0
-        )
-        sock.send(header + payload)
+        sock.send(netlink.request(mtype, payload, seq, flags))
         replies: list[bytes] = []
         while True:
-            data = sock.recv(_RECV)
-            offset = 0
-            while offset + netlink.NLMSGHDR.size <= len(data):
-                length, rtype, _rflags, rseq, _pid = netlink.NLMSGHDR.unpack_from(data, offset)
-                body = data[offset + netlink.NLMSGHDR.size : offset + length]
-                offset += netlink.align(length)
-                if rseq != seq:
+            for message in netlink.messages(sock.recv(_RECV)):
+                if message.seq != seq:
                     continue  # an answer to an earlier request that timed out
-                if rtype == netlink.NLMSG_ERROR:
-                    code = -_ERRNO.unpack_from(body)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
+                if message.type == netlink.NLMSG_ERROR:
+                    if message.error:
+                        raise OSError(message.error, os.strerror(message.error))
                     return  # the acknowledgement
-                if rtype == netlink.NLMSG_DONE:
+                if message.type == netlink.NLMSG_DONE:
                     yield from replies
                     return
-                replies.append(body)
+                replies.append(message.payload)
                 if not flags & NLM_F_DUMP and not flags & NLM_F_ACK:
                     yield from replies
                     return
@@ -162,14 +148,11 @@ def _link(payload: bytes) -> tuple[int, int, dict[int, bytes]]:
 
 
 def _kind(linkinfo: bytes) -> str | None:
-    for atype, value in netlink.attributes(linkinfo, 0):
-        if atype == IFLA_INFO_KIND:
-            return value.split(b"\0", 1)[0].decode()
-    return None
+    return netlink.attribute_string(linkinfo, 0, IFLA_INFO_KIND)
 
 
 def _address(index: int, address: Address, flags: int) -> bytes:
     family = socket.AF_INET if address.ip.version == 4 else socket.AF_INET6
     packed = address.ip.packed
-    body = _IFADDRMSG.pack(family, address.prefixlen, flags & 0xFF, 0, index) + attr(IFA_LOCAL, packed)
-    return body + attr(IFA_ADDRESS, packed) + attr(IFA_FLAGS, _U32.pack(flags))
+    body = _IFADDRMSG.pack(family, address.prefixlen, flags & 0xFF, 0, index) + attribute(IFA_LOCAL, packed)
+    return body + attribute(IFA_ADDRESS, packed) + attribute(IFA_FLAGS, _U32.pack(flags))

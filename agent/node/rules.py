@@ -74,7 +74,6 @@ def wanted_rules(
     host_rules: bool,
     pod_rules: bool = True,
     probe_mark: int = Settings.probe_mark,
-    socket_gate: bool = True,
 ) -> list[Rule]:
     """The rule set for the given addresses, in the order the rules should stand at the top of each chain.
 
@@ -86,8 +85,7 @@ def wanted_rules(
                                                           tracked reply to the ClusterIP is a new flow, which
                                                           kube-proxy's nftables mode rejects as traffic to an
                                                           invalid port of a ClusterIP
-    Per address and protocol (see the README for why each exists; ``socket_gate=False`` gives node-cache's
-    ungated PREROUTING rule, for the benchmarks' baseline only):
+    Per address and protocol (see docs/design.md for why each exists):
     raw PREROUTING  -d ADDR --dport 53 -m socket  NOTRACK  pods' queries skip conntrack and kube-proxy's DNAT
                                                           only while a socket is bound to ADDR
     raw OUTPUT      -s ADDR --sport 53            NOTRACK  the replies
@@ -122,7 +120,7 @@ def wanted_rules(
                 "PREROUTING",
                 _spec(
                     dport,
-                    *(["-m socket"] if socket_gate else []),
+                    "-m socket",
                     comment=SKIP_CONNTRACK,
                     target="-j CT --notrack",
                 ),

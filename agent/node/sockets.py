@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.node import netlink
 from agent.settings import IPAddress
 
 _TCP_LISTEN = "0A"
@@ -104,10 +105,8 @@ def udp_receive_queues(proc: Path = Path("/proc/self")) -> dict[int, int]:
 
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h): the kernel's socket tables over netlink, filtered in the
 # kernel, for the receive queues of the DNS sockets every 0.1 s at a few tens of microseconds a look.
-_NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_DUMP = 0x300
 _INET_DIAG_REQ_BYTECODE = 1
 _BC_S_GE, _BC_S_LE = 2, 3  # the local port >= / <= the operand
 
@@ -120,14 +119,13 @@ class UdpQueues:
     def __init__(self, port: int, families: Iterable[int]) -> None:
         # The filter: sport >= port (else jump past the end: no match), then sport <= port (else no match).
         ops = struct.pack("=BBHBBHBBHBBH", _BC_S_GE, 8, 20, 0, 0, port, _BC_S_LE, 8, 12, 0, 0, port)
-        bytecode = struct.pack("=HH", 4 + len(ops), _INET_DIAG_REQ_BYTECODE) + ops
+        bytecode = netlink.attribute(_INET_DIAG_REQ_BYTECODE, ops)
         self._requests = []
         for family in sorted(set(families)):
             # inet_diag_req_v2: family, protocol, extensions, pad, every state; the socket id left empty.
             body = struct.pack("=BBBBI", family, socket.IPPROTO_UDP, 0, 0, 0xFFFFFFFF) + bytes(48) + bytecode
-            header = struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, 1, 0)
-            self._requests.append(header + body)
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+            self._requests.append(netlink.request(_SOCK_DIAG_BY_FAMILY, body, 1, _NLM_F_DUMP))
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink.NETLINK_SOCK_DIAG)
         self._sock.settimeout(1.0)
 
     def close(self) -> None:
@@ -145,18 +143,14 @@ class UdpQueues:
     @staticmethod
     def _take(data: bytes, queued: dict[IPAddress, int]) -> bool:
         """Adds one read's messages (inet_diag_msg) to ``queued``; True at the end of the dump."""
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind = struct.unpack_from("=IH", data, offset)
-            if kind == _NLMSG_DONE:
+        for message in netlink.messages(data):
+            if message.type == netlink.NLMSG_DONE:
                 return True
-            if kind == _NLMSG_ERROR:
-                errno = -struct.unpack_from("=i", data, offset + 16)[0]
-                raise OSError(errno, f"sock_diag: {os.strerror(errno)}")
-            msg = offset + 16
-            size = 4 if data[msg] == socket.AF_INET else 16
-            ip = ipaddress.ip_address(data[msg + 8 : msg + 8 + size])  # idiag_src
-            rqueue = struct.unpack_from("=I", data, msg + 56)[0]  # after the id, idiag_expires
+            if message.type == netlink.NLMSG_ERROR:
+                raise OSError(message.error, f"sock_diag: {os.strerror(message.error)}")
+            msg = message.payload
+            size = 4 if msg[0] == socket.AF_INET else 16
+            ip = ipaddress.ip_address(msg[8 : 8 + size])  # idiag_src
+            rqueue = struct.unpack_from("=I", msg, 56)[0]  # after the id, idiag_expires
             queued[ip] = queued.get(ip, 0) + rqueue
-            offset += (length + 3) & ~3
         return False

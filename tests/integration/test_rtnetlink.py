@@ -17,7 +17,8 @@ from harness.agentproc import REPO
 # Runs inside the namespace: every request of the seam, printing what it saw as JSON lines.
 SCRIPT = r"""
 import errno, ipaddress, json, subprocess
-from agent.node.interface import Address, IFA_F_NODAD
+from agent.node.interface import IFA_F_NODAD
+from agent.node.links import Address
 from agent.node.rtnetlink import RtNetlink
 
 nl = RtNetlink()
@@ -92,7 +93,8 @@ def test_every_request_the_interface_needs_works_on_the_real_kernel(netns: str) 
 def test_an_ipv6_address_added_without_dad_is_usable_at_once(netns: str) -> None:
     script = (
         "import ipaddress, socket\n"
-        "from agent.node.interface import Address, IFA_F_NODAD\n"
+        "from agent.node.interface import IFA_F_NODAD\n"
+        "from agent.node.links import Address\n"
         "from agent.node.rtnetlink import RtNetlink\n"
         "nl = RtNetlink()\n"
         "nl.add_link('nld1', 'bridge'); i = nl.find_link('nld1').index; nl.set_up(i)\n"

@@ -7,7 +7,8 @@ import struct
 from pathlib import Path
 
 from agent.node.fingerprint import chain_bytes
-from agent.node.interface import Address, Interface
+from agent.node.interface import Interface
+from agent.node.links import Address
 from agent.node.netwatch import InterfaceWatcher, NftablesWatcher
 from agent.node.packetfilter import PacketFilter
 from agent.node.reconcile import NetworkReconciler

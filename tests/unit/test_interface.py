@@ -7,7 +7,8 @@ import ipaddress
 
 import pytest
 
-from agent.node.interface import IFA_F_NODAD, Address, Interface, InterfaceError, Link
+from agent.node.interface import IFA_F_NODAD, Interface, InterfaceError
+from agent.node.links import Address, Link
 from agent.observe.metrics import Metrics
 from tests.unit.fakes import FakeNetlink, sample
 

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.node.agents import NodeLock, NodeLockError
+from agent.node.nodelock import NodeLock, NodeLockError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_a_killed_agent_is_gone_at_once_and_its_coredns_never_holds_the_lock(tmp
         f"""
         import subprocess, sys
         from pathlib import Path
-        from agent.node.agents import NodeLock
+        from agent.node.nodelock import NodeLock
         NodeLock(Path({str(path)!r})).join()
         child = subprocess.Popen(["sleep", "30"])  # stands for CoreDNS, which outlives a SIGKILLed agent
         print(child.pid, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import threading
 import time
@@ -351,3 +352,64 @@ def test_a_failing_read_is_counted_and_reported_with_the_command_and_its_message
         pf.install(host_rules=False)
     assert sample(metrics, "coredns_nodecache_setup_errors_total", errortype="iptables") == 1
     assert not pf.installed
+
+
+def test_each_operation_replaces_the_state_record_as_a_whole() -> None:
+    fake = FakeIptables()
+    clock = Clock()
+    pf, _ = make(fake, clock=clock)
+    before = pf.state
+    pf.install(host_rules=True)
+    after = pf.state
+    assert not before.wanted and not before.installed  # the earlier record is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.wanted = False  # type: ignore[misc]
+    assert after.wanted and after.pod_rules and after.host_rules and after.converged and after.installed
+    assert set(after.fingerprints) == {4, 6} and after.backoff == 0.0
+    assert after.next_full_check == clock.now + pf.full_check_interval
+    pf.set_host_rules(False)
+    assert pf.state is not after and not pf.state.host_rules and after.host_rules
+
+
+def test_prepare_wants_the_probe_rules_only() -> None:
+    pf, _ = make(FakeIptables())
+    pf.prepare()
+    assert pf.state.wanted and pf.state.converged
+    assert not pf.state.pod_rules and not pf.state.host_rules and not pf.installed
+
+
+def test_a_failed_change_stays_pending_in_the_state_with_a_doubling_backoff(tmp_path: Path) -> None:
+    fake = FakeIptables(lock_busy=True)
+    clock = Clock()
+    pf, _ = make(fake, proc_net=tmp_path, clock=clock)
+    with pytest.raises(XtablesLockError):
+        pf.install(host_rules=False)
+    assert pf.state.wanted and not pf.state.converged
+    assert (pf.state.backoff, pf.state.retry_at) == (1.0, clock.now + 1.0)
+    clock.now += 1.0
+    with pytest.raises(XtablesLockError):
+        pf.reconcile()
+    assert (pf.state.backoff, pf.state.retry_at) == (2.0, clock.now + 2.0)
+    fake.lock_busy = False
+    clock.now += 2.0
+    pf.reconcile()
+    assert pf.state.installed and pf.state.backoff == 0.0
+
+
+def test_remove_all_leaves_a_state_that_wants_nothing() -> None:
+    pf, _ = make(FakeIptables())
+    pf.install(host_rules=True)
+    pf.remove_all()
+    assert not pf.state.wanted and not pf.state.converged and not pf.installed and not pf.host_rules
+
+
+def test_the_state_says_whether_the_last_change_kept_another_agents_rules() -> None:
+    fake = FakeIptables()
+    others = [True]
+    pf, _ = make(fake)
+    pf.others = lambda: others[0]
+    pf.install(host_rules=False)
+    assert pf.state.shared
+    others[0] = False
+    pf.reconcile()
+    assert not pf.state.shared

@@ -172,10 +172,3 @@ def test_rules_are_described_with_family_table_and_chain() -> None:
     rule = next(r for r in rules("fd00::10") if r.chain == "PREROUTING")
     assert rule.describe().startswith("IPv6 raw PREROUTING -d fd00::10/128")
     assert plan(6, [], [rule]).describe() == [f"added {rule.describe()}"]
-
-
-def test_the_node_cache_baseline_rules_have_no_socket_gate() -> None:
-    gated = wanted_rules([V4], dns_port=53, health_port=8080, host_rules=True)
-    ungated = wanted_rules([V4], dns_port=53, health_port=8080, host_rules=True, socket_gate=False)
-    assert [r.spec.replace(" -m socket", "") for r in gated] == [r.spec for r in ungated]
-    assert not any("-m socket" in r.spec for r in ungated)

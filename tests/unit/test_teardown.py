@@ -1,15 +1,25 @@
-"""Leftover removal at start: both backends, both families, only tagged rules, missing binaries skipped."""
+"""Teardown in one place: leftover removal at start (both backends, both families, only tagged rules, missing
+binaries skipped), the shutdown's steps, and the cheap ``--teardown`` command."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from agent.node import teardown
+from agent.node.interface import Interface
+from agent.node.packetfilter import PacketFilter
 from agent.node.teardown import remove_leftover_rules
 from agent.node.xtables import Xtables, XtablesUnavailableError
 from agent.observe.metrics import Metrics
 from agent.settings import Settings
-from tests.unit.fakes import FakeIptables, sample
+from tests.unit.fakes import FakeIptables, FakeNetlink, sample
+
+REPO = Path(__file__).resolve().parents[2]
 
 TAGGED = '-d 10.96.0.10/32 -p udp -m comment --comment "NodeLocal DNS agent: host queries" -j CT --notrack'
 FOREIGN = "-p udp -m udp --dport 53 -j DROP"
@@ -130,3 +140,34 @@ def test_node_cache_rules_of_other_ports_follow_the_flags(tmp_path: Path) -> Non
         fake.add_foreign("nft", 4, "raw", "PREROUTING" if "--dport" in rule else "OUTPUT", rule)
     assert len(remove_leftover_rules(settings, Metrics(), backends=backends(fake, tmp_path))) == 2
     assert fake.chain("nft", 4, "raw", "PREROUTING") == [default]
+
+
+def test_a_shutdown_step_that_fails_is_logged_and_reported_not_raised(tmp_path: Path) -> None:
+    fake = FakeIptables(lock_busy=True)
+    fake.add_foreign("legacy", 4, "raw", "OUTPUT", TAGGED)
+    (xtables,) = backends(fake, tmp_path)[:1]
+    pf = PacketFilter(Settings(), Metrics(), xtables=xtables, fingerprint=fake.fingerprint)
+    assert teardown.remove_rules(pf, deadline=time.monotonic() + 5) is False
+    assert teardown.remove_host_rules(None, deadline=time.monotonic() + 5) is True
+    fake.lock_busy = False
+    assert teardown.remove_rules(pf, deadline=time.monotonic() + 5) is True
+    assert fake.tables[("legacy", 4, "raw")]["OUTPUT"] == []
+
+
+def test_the_interface_is_closed_whether_or_not_its_removal_succeeds() -> None:
+    netlink = FakeNetlink(refuse={"delete_link": errno.EPERM})
+    interface = Interface("nodelocaldns", [ipaddress.ip_address("169.254.20.10")], netlink=netlink)
+    interface.ensure()
+    assert teardown.remove_interface(interface) is False and netlink.closed
+    netlink.refuse.clear()
+    assert teardown.remove_interface(interface) is True and "nodelocaldns" not in netlink.links
+    assert teardown.remove_interface(None) is True
+
+
+def test_the_teardown_command_stays_cheap_to_import() -> None:
+    heavy = ("agent.node", "prometheus_client", "structlog")
+    code = (
+        f"import sys, agent.commands.teardown; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

@@ -9,6 +9,9 @@ share the rules and the interface, so neither may remove what the other relies o
 - at shutdown, the last agent out removes the rules and the interface; one that leaves another behind only
   stops its CoreDNS (the other's keeps serving on the same sockets).
 
+:meth:`agent.node.network.NodeNetwork.join_node` and :meth:`~agent.node.network.NodeNetwork.leave_node`
+make those two decisions with this lock.
+
 Both agents open one file (a hostPath in the DaemonSet, so both containers see it) and take
 open-file-description locks on it (``F_OFD_SETLK``): a shared lock on byte 0 for as long as the agent lives,
 and an exclusive lock on byte 1 around each decision (join and leftovers; leave and teardown), so two
