@@ -211,7 +211,7 @@ class ControlPlane(sb.Run):
     def stop(self) -> None:
         """Remove everything this control plane created. Safe to call twice and after a partial start."""
         if self._admin is not None:
-            from agent.sources.watchers import close_api_client
+            from agent.sources.api import close_api_client
 
             close_api_client(self._admin.api_client)
             self._admin = None
@@ -427,7 +427,7 @@ class ControlPlane(sb.Run):
     def _core(self) -> Any:
         from kubernetes import client
 
-        from agent.sources.watchers import api_client
+        from agent.sources.api import api_client
 
         if self._admin is None:
             self._admin = client.CoreV1Api(api_client(self.admin_kubeconfig))

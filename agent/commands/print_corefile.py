@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from agent.corefile.inputs import CorefileBuilder
 from agent.corefile.kubedns import parse_kubedns
-from agent.corefile.render import CorefileBuilder
 from agent.settings import ConfigError, Settings
-from agent.sources.watchers import SourceError, read_configmap, read_service_cluster_ip
+from agent.sources import SourceError
+from agent.sources.api import read_configmap, read_service_cluster_ip
 
 
 def print_corefile(settings: Settings) -> int:

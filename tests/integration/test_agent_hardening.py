@@ -51,7 +51,7 @@ def test_an_unexpected_error_in_the_loop_tears_down_and_exits_non_zero(box: sb.S
 
 
 def test_a_dead_watcher_thread_is_noticed_and_the_agent_exits_cleanly(box: sb.Sandbox) -> None:
-    with AgentProcess(box, fault="agent.sources.watchers:DirectoryWatcher._run:1") as agent:
+    with AgentProcess(box, fault="agent.sources.directory:DirectoryWatcher._run:1") as agent:
         assert agent.proc is not None
         assert agent.proc.wait(timeout=30) == 1
     assert any("watcher thread died" in str(e.get("cause")) for e in events_named(agent, "agent failed"))

@@ -20,7 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from agent.cli import main
-from agent.sources.watchers import ApiConfigMapWatcher, SourceError, read_configmap, read_service_cluster_ip
+from agent.sources import SourceError
+from agent.sources.api import ApiConfigMapWatcher, read_configmap, read_service_cluster_ip
 from harness import controlplane
 from harness.controlplane import CLIENT, ControlPlane
 from harness.waiting import poll

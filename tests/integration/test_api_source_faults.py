@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.watchers import ApiConfigMapWatcher
+from agent.sources.api import ApiConfigMapWatcher
 from harness.fakeapiserver import FakeApiServer
 
 NS, NAME = "kube-system", "kube-dns"

@@ -19,8 +19,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from agent.corefile.inputs import CorefileBuilder
 from agent.corefile.kubedns import ConfigMapError, parse_kubedns
-from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, CorefileError
+from agent.corefile.lexer import CorefileError
+from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME
 from agent.settings import Settings
 from harness.corednslab import CorednsLab
 
@@ -132,9 +134,10 @@ def test_rendered_case_is_loaded_by_coredns_and_answers(
             assert lab.dig(server, SERVICE) == "10.96.10.20"
         for name, answer in expected.items():
             assert lab.dig(LOCAL_IP6, name).startswith(answer), name
-        assert rendered.endpoints.health_url is not None and rendered.endpoints.ready_url is not None
+        assert rendered.endpoints.health_url is not None
         assert lab.http_get(rendered.endpoints.health_url) == "OK"
-        assert lab.http_get(rendered.endpoints.ready_url) == "OK"
+        # /ready where the manifest's readiness probe asks: the first local address, port 8181.
+        assert lab.http_get(f"http://{LOCAL_IP}:8181/ready") == "OK"
 
 
 def test_dns_port_and_health_port_flags_move_every_listener(lab: CorednsLab, base_settings: Settings) -> None:
@@ -204,8 +207,8 @@ def test_the_upstream_configmap_without_probe_zone_or_ready_still_answers_both_p
         assert rendered.endpoints.health_url == f"http://{LOCAL_IP}:8080/health"
         assert lab.http_get(rendered.endpoints.health_url) == "OK"
         # The readiness probe's /ready, which the upstream ConfigMap lacks, is added by the agent.
-        assert rendered.endpoints.ready_url == f"http://{LOCAL_IP}:8181/ready"
-        assert lab.http_get(rendered.endpoints.ready_url) == "OK"
+        assert f"    ready {LOCAL_IP}:8181\n" in rendered.text
+        assert lab.http_get(f"http://{LOCAL_IP}:8181/ready") == "OK"
 
 
 # Property: whatever the ConfigMap holds, either it is rejected with a message naming the key, or CoreDNS

@@ -95,7 +95,7 @@ def test_the_image_holds_the_working_trees_agent_and_a_stripped_pinned_coredns(
     # Every file of the installed agent package is the working tree's, and the API source's imports work
     # (the image leaves out the Kubernetes client's asyncio half).
     script = (
-        "import hashlib, json, pathlib, agent, agent.sources.watchers\n"
+        "import hashlib, json, pathlib, agent, agent.sources.api\n"
         "from kubernetes import client, config, watch\n"
         "from kubernetes.client.exceptions import ApiException\n"
         "root = pathlib.Path(agent.__file__).parent\n"

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, CorefileBuilder, write_if_changed
+from agent.corefile.files import write_if_changed
+from agent.corefile.inputs import CorefileBuilder
+from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME
 from agent.settings import Settings
-from agent.sources.watchers import DirectoryWatcher
+from agent.sources.directory import DirectoryWatcher
 from harness import sandbox as sb
 from harness.configmapdir import publish
 from harness.waiting import poll

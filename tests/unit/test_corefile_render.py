@@ -12,17 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.corefile.endpoints import ProbeEndpoints, probe_endpoints
 from agent.corefile.kubedns import KubeDnsConfig, parse_kubedns
-from agent.corefile.render import (
-    HEALTH_PROBE_ANSWER,
-    HEALTH_PROBE_NAME,
-    CorefileError,
-    ProbeEndpoints,
-    probe_endpoints,
-    render,
-    serve_stale_directive,
-    server_blocks,
-)
+from agent.corefile.lexer import CorefileError
+from agent.corefile.parse import server_blocks
+from agent.corefile.render import HEALTH_PROBE_ANSWER, HEALTH_PROBE_NAME, render, serve_stale_directive
 
 TEMPLATE = (Path(__file__).resolve().parents[2] / "corefile" / "Corefile.base").read_text()
 LOCAL = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))
@@ -164,14 +158,13 @@ def test_the_probe_zone_is_added_when_the_template_lacks_it_and_kept_once_when_i
 
 def test_endpoints_come_from_the_rendered_corefile() -> None:
     assert probe_endpoints(rendered()) == ProbeEndpoints(
-        health_url="http://169.254.20.10:8080/health", ready_url="http://169.254.20.10:8181/ready",
+        health_url="http://169.254.20.10:8080/health",
         metrics_url="http://127.0.0.1:9253/metrics",  # `prometheus :9253` listens on loopback too
-    )  # fmt: skip
+    )
     defaults = ".:53 {\n    health {\n        lameduck 5s\n    }\n    ready\n    prometheus\n}\n"
     assert probe_endpoints(defaults) == ProbeEndpoints(
-        health_url="http://127.0.0.1:8080/health", ready_url="http://127.0.0.1:8181/ready",
-        metrics_url="http://localhost:9153/metrics",
-    )  # fmt: skip
+        health_url="http://127.0.0.1:8080/health", metrics_url="http://localhost:9153/metrics"
+    )
     assert probe_endpoints(".:53 {\n    whoami\n}\n") == ProbeEndpoints(None, None)
 
 
@@ -283,7 +276,6 @@ NO_READY = ".:53 {\n    bind __PILLAR__LOCAL__DNS__\n    health __PILLAR__LOCAL_
 def test_ready_is_added_once_on_the_first_local_address_when_the_template_has_none() -> None:
     text = rendered(NO_READY)
     assert ready_lines(text) == [("ready", "169.254.20.10:8181")]
-    assert probe_endpoints(text).ready_url == "http://169.254.20.10:8181/ready"
     v6 = rendered(NO_READY, local_ips=(ipaddress.ip_address("fd00::10"),))
     assert ready_lines(v6) == [("ready", "[fd00::10]:8181")]
 
@@ -341,3 +333,76 @@ def test_without_serve_stale_the_cache_lines_stay_as_the_template_has_them() -> 
     text = rendered()
     assert "serve_stale" not in text
     assert "    cache 30\n" in block(text, ".:53")
+
+
+# Edits read the template with the one lexer: cases the older line-by-line walkers got wrong.
+
+
+def test_force_tcp_goes_from_the_upstream_forward_even_with_a_comment_after_its_brace() -> None:
+    template = TEMPLATE.replace(
+        "forward . __PILLAR__UPSTREAM__SERVERS__\n",
+        "forward . __PILLAR__UPSTREAM__SERVERS__ { # UDP once the ConfigMap names upstreams\n"
+        "        force_tcp # as node-cache\n    }\n",
+    )
+    text = rendered(template, {"upstreamNameservers": '["1.1.1.1"]'})
+    assert "    forward . 1.1.1.1\n    prometheus" in block(text, ".:53")
+    assert "force_tcp" in block(text, "cluster.local:53")
+
+
+def test_a_hash_inside_quotes_is_kept_and_the_comment_after_the_string_goes() -> None:
+    template = TEMPLATE.replace(
+        "    loop\n",
+        "    loop\n    template IN TXT example.org {\n"
+        '        answer "{{ .Name }} 60 IN TXT \\"a # b } c\\"" # a comment\n    }\n',
+        1,
+    )
+    assert (
+        '    template IN TXT example.org {\n        answer "{{ .Name }} 60 IN TXT \\"a # b } c\\""\n    }\n'
+        in block(rendered(template), "cluster.local:53")
+    )
+
+
+def test_serve_stale_goes_into_a_cache_block_whose_first_option_shares_the_brace_line() -> None:
+    template = TEMPLATE.replace("    cache 30\n", "    cache { success 9984 30\n    }\n", 1)
+    text = rendered(template, serve_stale=VERIFY)
+    assert f"    cache {{\n        {VERIFY}\n        success 9984 30\n    }}\n" in block(
+        text, "in-addr.arpa:53"
+    )
+    empty = rendered(TEMPLATE.replace("    cache 30\n", "    cache { }\n", 1), serve_stale=VERIFY)
+    assert f"    cache {{\n        {VERIFY}\n    }}\n" in block(empty, "in-addr.arpa:53")
+    assert text.count(VERIFY) == empty.count(VERIFY) == 4
+
+
+SNIPPET = """\
+(common) {
+    cache 30
+    health __PILLAR__LOCAL__DNS__:8080
+    ready 127.0.0.1:8282
+}
+.:53 {
+    import common
+    bind __PILLAR__LOCAL__DNS__
+    forward . __PILLAR__UPSTREAM__SERVERS__
+}
+"""
+
+
+def test_a_snippet_gets_serve_stale_in_its_cache_and_its_directives_count_where_imported() -> None:
+    text = rendered(SNIPPET, serve_stale=VERIFY)
+    assert text.startswith(f"(common) {{\n    cache 30 {{\n        {VERIFY}\n    }}\n    health")
+    assert text.count(VERIFY) == 1
+    assert ready_lines(text) == [("ready", "127.0.0.1:8282")]  # the snippet's: no second ready is added
+    assert probe_endpoints(text).health_url == "http://169.254.20.10:8080/health"
+
+
+def test_a_server_block_may_open_on_the_next_line_but_a_cache_block_may_not() -> None:
+    text = rendered(
+        ".:53\n{\n    cache 30\n    forward . __PILLAR__UPSTREAM__SERVERS__\n}\n", serve_stale=VERIFY
+    )
+    assert text.startswith(
+        f".:53\n{{\n    cache 30 {{\n        {VERIFY}\n    }}\n    forward . 10.0.0.53\n}}\n"
+    )
+    # CoreDNS's plugins read a block only when its "{" ends the directive's line.
+    template = TEMPLATE.replace("    cache {\n", "    cache\n    {\n", 1)
+    with pytest.raises(CorefileError, match=r"^Corefile line \d+: the block of cache must open on its line"):
+        rendered(template, serve_stale=VERIFY)

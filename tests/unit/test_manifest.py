@@ -14,10 +14,11 @@ import pytest
 
 from agent import __version__
 from agent.cli import parse
+from agent.corefile.inputs import CorefileBuilder
 from agent.corefile.kubedns import KubeDnsConfig
-from agent.corefile.render import CorefileBuilder, server_blocks
+from agent.corefile.parse import server_blocks
 from agent.settings import Settings
-from agent.supervisor.loop import Timing
+from agent.supervisor.timing import Timing
 from harness.manifests import (
     API_RBAC,
     DOMAIN,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.corefile.kubedns import read_kubedns_dir
-from agent.sources.watchers import DirectoryWatcher, SourceError
+from agent.sources import SourceError
+from agent.sources.directory import DirectoryWatcher
 from harness.configmapdir import publish
 
 
