@@ -1,6 +1,6 @@
 """``agent`` (the run mode): builds the real parts and hands them to the supervisor.
 
-The supervisor only sees small seams (:class:`agent.supervisor.loop.Network`, :class:`CorefileSource`); this
+The supervisor only sees small seams (:class:`agent.supervisor.seams.Network`, :class:`CorefileSource`); this
 module adapts the Corefile renderer, the watchers, the interface and the packet filter to them.
 """
 
@@ -20,15 +20,19 @@ import psutil
 
 from agent.coredns.cgroup import Cgroup, gomemlimit_for
 from agent.coredns.process import CoreDnsProcess, find_orphans, with_parent_death_signal
+from agent.corefile.files import write_if_changed
+from agent.corefile.inputs import CorefileBuilder
 from agent.corefile.kubedns import KEYS as KUBEDNS_KEYS
 from agent.corefile.kubedns import KubeDnsConfig, parse_kubedns
-from agent.corefile.render import HEALTH_PROBE_NAME, PROBE_PORT_ENV, CorefileBuilder, write_if_changed
+from agent.corefile.render import HEALTH_PROBE_NAME, PROBE_PORT_ENV
 from agent.events import ApiConfigMap, ConfigChanged, Event
 from agent.health.probe import ProbeSettings
 from agent.observe.logs import get_logger, setup_logging
 from agent.observe.metrics import Metrics
 from agent.settings import ConfigError, IPAddress, Settings
-from agent.sources.watchers import ApiConfigMapWatcher, DirectoryWatcher, SourceError, read_service_cluster_ip
+from agent.sources import SourceError
+from agent.sources.api import ApiConfigMapWatcher, read_service_cluster_ip
+from agent.sources.directory import DirectoryWatcher
 from agent.stopflag import StopFlag
 from agent.supervisor.loop import EXIT_FAILED, Supervisor
 
@@ -166,9 +170,9 @@ def run_agent(settings: Settings) -> int:
 def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, CorefileFiles]:
     """The real parts, wired. Nothing here changes the node: that starts in :meth:`Supervisor.run`."""
     from agent.node.network import NodeNetwork
-    from agent.observe.sdnotify import Notifier
+    from agent.observe.sdnotify import NullNotifier
 
-    notifier = Notifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
+    notifier = NullNotifier.from_env()  # before CoreDNS starts: it must not inherit NOTIFY_SOCKET
     kill_orphans(settings)
     cgroup = Cgroup.of()  # for GOMEMLIMIT, and to tell an OOM kill from another SIGKILL
     corefile = CorefileFiles(settings, api_cluster_dns_ip(settings))

@@ -1,7 +1,8 @@
 """Health probes of the CoreDNS child: real DNS queries on every local address, plus CoreDNS's /health.
 
 The DNS probe asks for a name the Corefile answers by itself (no upstream involved), so an upstream outage
-does not make every node restart its cache. The prober is a thread that only posts :class:`ProbeResult`s.
+does not make every node restart its cache. The prober is a thread that only posts :class:`ProbeResult`s,
+each carrying one :class:`Verdict` decided here: the supervisor maps it to an action and reads nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.events import Event, ProbeResult
+from agent.events import Event, ProbeResult, Verdict
 from agent.node.sockets import UdpQueues, socket_inodes, udp_receive_queues
 from agent.observe.logs import get_logger
 from agent.settings import IPAddress
@@ -56,17 +57,24 @@ class ProbeSettings:
 
 @dataclass(frozen=True)
 class Outcome:
-    ok: bool
+    """One probe's (or one round's) result: its verdict (see :class:`Verdict` for what each means), what it
+    saw, and how long it took."""
+
+    verdict: Verdict
     detail: str
     latency: float  # seconds
-    # No answer at all within the timeout: something holds the socket (the kernel gate is open) but does not
-    # answer, so pod queries are being lost. A refused or wrong answer is a failure, not silence.
-    silent: bool = False
-    # A DNS answer came, but not the probe zone's: most likely not from the local CoreDNS at all (the probe
-    # rules are gone and kube-proxy sent the probe to kube-dns), which says nothing about CoreDNS's health.
-    wrong_answer: bool = False
-    # Silent, and the kernel confirms a hang (see StallWatch): CoreDNS does not read its sockets.
-    stalled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+    @property
+    def silent(self) -> bool:
+        return self.verdict.silent
+
+    @property
+    def stalled(self) -> bool:
+        return self.verdict is Verdict.STALLED
 
 
 class StalledError(Exception):
@@ -125,20 +133,20 @@ def probe_dns(
             sock.connect((str(address), port))
             reply = _exchange(sock, wire, deadline, max(1, sends), unanswered)
     except TimeoutError:
-        return Outcome(False, f"no answer from {address}:{port} within {timeout}s", timeout, silent=True)
+        return Outcome(Verdict.SILENT, f"no answer from {address}:{port} within {timeout}s", timeout)
     except StalledError as exc:
         latency = time.monotonic() - started
         detail = f"no answer from {address}:{port} for {latency:.2f}s, {exc}"
-        return Outcome(False, detail, latency, silent=True, stalled=True)
+        return Outcome(Verdict.STALLED, detail, latency)
     except OSError as exc:
         detail = f"query to {address}:{port} failed: {exc.strerror or exc}"
-        return Outcome(False, detail, time.monotonic() - started)
+        return Outcome(Verdict.NOT_LISTENING, detail, time.monotonic() - started)
     latency = time.monotonic() - started
     rcode, answers = reply[3] & 0x0F, int.from_bytes(reply[6:8], "big")
     if rcode != 0 or not answers:
         text = _RCODES[rcode] if rcode < len(_RCODES) else f"RCODE{rcode}"
-        return Outcome(False, f"{address}:{port} answered {text} for {name}", latency, wrong_answer=True)
-    return Outcome(True, "ok", latency)
+        return Outcome(Verdict.WRONG_ANSWER, f"{address}:{port} answered {text} for {name}", latency)
+    return Outcome(Verdict.HEALTHY, "ok", latency)
 
 
 def _exchange(
@@ -185,13 +193,16 @@ class HealthEndpoint:
             response.read()
         except TimeoutError:
             self._connection.close()
-            return Outcome(False, f"{self.url}: no answer within {self.timeout}s", self.timeout, silent=True)
+            detail = f"{self.url}: no answer within {self.timeout}s"
+            return Outcome(Verdict.HEALTH_ENDPOINT_SILENT, detail, self.timeout)
         except (OSError, http.client.HTTPException) as exc:
             self._connection.close()  # the next probe connects afresh
-            return Outcome(False, f"{self.url}: {exc.__class__.__name__}", time.monotonic() - started)
+            detail = f"{self.url}: {exc.__class__.__name__}"
+            return Outcome(Verdict.HEALTH_ENDPOINT_FAILED, detail, time.monotonic() - started)
         if response.status != 200:
-            return Outcome(False, f"{self.url}: HTTP {response.status}", time.monotonic() - started)
-        return Outcome(True, "ok", time.monotonic() - started)
+            detail = f"{self.url}: HTTP {response.status}"
+            return Outcome(Verdict.HEALTH_ENDPOINT_FAILED, detail, time.monotonic() - started)
+        return Outcome(Verdict.HEALTHY, "ok", time.monotonic() - started)
 
     def close(self) -> None:
         self._connection.close()
@@ -370,22 +381,10 @@ class Prober:
                     outcome = probe_round(self.settings, query=query, health=with_health, unanswered=watch)
                 except Exception as exc:  # a probe bug must show as failing probes, never as silence
                     log.exception("probe error", pid=self.pid)
-                    outcome = Outcome(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
+                    outcome = Outcome(Verdict.PROBE_ERROR, f"probe error: {type(exc).__name__}: {exc}", 0.0)
                 if self._stop.is_set():
                     return
-                busy = meter.unanswered() if outcome.silent and not outcome.stalled else None
-                if not outcome.silent:
-                    meter.answered()
-                detail = outcome.detail
-                if busy is not None:
-                    detail += f"; coredns busy ({busy:.0%} of a core since the last unanswered round)"
-                self._post(
-                    ProbeResult(
-                        self.pid, outcome.ok, detail, outcome.latency, outcome.silent,
-                        wrong_answer=outcome.wrong_answer, busy=busy is not None, stalled=outcome.stalled,
-                        at=time.monotonic(),
-                    )
-                )  # fmt: skip
+                self._post(self._result(outcome, meter))
                 now, cpu = time.monotonic(), cpu_seconds(self.pid)
                 working = _share(last_cpu, (now, cpu)) >= WATCH_CPU_SHARE
                 last_cpu = (now, cpu)
@@ -395,6 +394,17 @@ class Prober:
                 health.close()
             if self._dns_queues is not None:
                 self._dns_queues.close()
+
+    def _result(self, outcome: Outcome, meter: BusyMeter) -> ProbeResult:
+        """The round's verdict, with silence told apart from a busy CoreDNS by the CPU it used."""
+        verdict, detail = outcome.verdict, outcome.detail
+        busy = meter.unanswered() if outcome.silent and not outcome.stalled else None
+        if not outcome.silent:
+            meter.answered()
+        if busy is not None:
+            verdict = verdict.but_busy()
+            detail += f"; coredns busy ({busy:.0%} of a core since the last unanswered round)"
+        return ProbeResult(self.pid, verdict, detail, outcome.latency, at=time.monotonic())
 
     def _open_queues(self) -> None:
         s = self.settings
@@ -458,5 +468,5 @@ def probe_round(
     if health is not None:
         outcome = health.probe()
         if not outcome.ok:
-            return Outcome(False, outcome.detail, slowest, outcome.silent)
-    return Outcome(True, "ok", slowest)
+            return replace(outcome, latency=slowest)
+    return Outcome(Verdict.HEALTHY, "ok", slowest)

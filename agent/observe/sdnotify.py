@@ -6,8 +6,8 @@ datagram of newline-separated ``KEY=VALUE`` assignments (sd_notify(3)). It is im
 taken from a library because it is twenty lines of socket code, and the agent must never block or crash on
 it: sends have a timeout, failures are logged once per change and otherwise ignored.
 
-Outside systemd (in a Kubernetes pod) ``NOTIFY_SOCKET`` is unset and :meth:`Notifier.from_env` returns a
-null object, so the supervisor calls the same methods everywhere.
+Outside systemd (in a Kubernetes pod) ``NOTIFY_SOCKET`` is unset and :meth:`NullNotifier.from_env` returns
+the null notifier, so the supervisor calls the same methods everywhere.
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ class NotifyError(ValueError):
     """The notify environment is malformed; the message names the variable and what is wrong."""
 
 
-class Notifier:
-    """The null notifier: what the agent talks to when no service manager listens (e.g. in a pod)."""
+class NullNotifier:
+    """The null notifier: what the agent talks to when no service manager listens (e.g. in a pod). Each
+    method builds its message and hands it to :meth:`send`, which :class:`SocketNotifier` overrides to
+    deliver it; here it goes nowhere."""
 
     @classmethod
-    def from_env(cls, environ: MutableMapping[str, str] | None = None, *, pid: int | None = None) -> Notifier:
+    def from_env(
+        cls, environ: MutableMapping[str, str] | None = None, *, pid: int | None = None
+    ) -> NullNotifier:
         """A notifier for the service manager named by the environment, or the null notifier.
 
         The notify variables are removed from ``environ`` (``os.environ`` by default), as sd_notify's
@@ -45,7 +49,7 @@ class Notifier:
         values = {name: env.pop(name, None) for name in ENV_VARS}
         address = values["NOTIFY_SOCKET"]
         if not address:
-            return Notifier()
+            return NullNotifier()
         interval = parse_watchdog(
             values["WATCHDOG_USEC"], values["WATCHDOG_PID"], os.getpid() if pid is None else pid
         )
@@ -79,14 +83,14 @@ class Notifier:
     def close(self) -> None:
         """Release the socket (the null notifier has none)."""
 
-    def __enter__(self) -> Notifier:
+    def __enter__(self) -> NullNotifier:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class SocketNotifier(Notifier):
+class SocketNotifier(NullNotifier):
     """Sends to systemd's notify socket. One unconnected socket, ``sendto`` per message: systemd may re-create
     its socket (``daemon-reexec``) and the next message must still arrive."""
 

@@ -1,17 +1,26 @@
-"""Recording fakes of the OS seams: iptables binaries (a small in-memory model) and netlink; and a reader
-of the metrics the code under test moves."""
+"""The one set of recording fakes the unit tests share: the OS seams (iptables binaries as a small in-memory
+model, netlink), the supervisor's seams (a clock, CoreDNS children, the node's network, the Corefile, the
+service manager, probers, the memory cgroup), and a reader of the metrics the code under test moves."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.coredns.process import CoreDnsStartError
+from agent.events import ChildExited, Event
+from agent.health.probe import ProbeSettings
 from agent.node.interface import Address, Link
+from agent.node.network import NodeNetwork
 from agent.node.rules import Family
 from agent.node.xtables import PacketFilterInterruptError, Result
 from agent.observe.metrics import Metrics
+from agent.settings import ConfigError
 
 BUILTIN = {"raw": ("PREROUTING", "OUTPUT"), "filter": ("INPUT", "FORWARD", "OUTPUT")}
 LOCK_BUSY = "Another app is currently holding the xtables lock. Stopped waiting after 1s.\n"
@@ -29,6 +38,7 @@ class FakeIptables:
     lock_busy: bool = False
     lock_wait: float = 0.0  # how long a restore "waits" for a busy lock before giving up (abortable)
     version: int = 0
+    blow_up: bool = False  # the next command raises SeamBugError (a bug, not a failure iptables reports)
 
     def chain(self, mode: str, family: int, table: str, chain: str) -> list[str]:
         chains = self.tables.setdefault((mode, family, table), {c: [] for c in BUILTIN[table]})
@@ -51,6 +61,9 @@ class FakeIptables:
         abort: threading.Event | None = None,
         env: dict[str, str] | None = None,
     ) -> Result:
+        if self.blow_up:
+            self.blow_up = False
+            raise SeamBugError(f"{argv[0]} blew up")
         self.calls.append(tuple(argv))
         self.envs.append(env)
         name = argv[0]
@@ -170,3 +183,283 @@ class FakeNetlink:
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     """A metric's current value (0 when the series does not exist yet)."""
     return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class SeamBugError(RuntimeError):
+    """An unexpected error from a seam (a bug, not a failure the seam reports)."""
+
+
+# The supervisor's seams ------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """The supervisor's clock and sleep: time moves only when a test (or a fake waiting on it) moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+
+
+@dataclass
+class Calls:
+    """One log of what the fakes were asked, in order, across seams."""
+
+    log: list[str] = field(default_factory=list)
+
+
+class FakeChild:
+    """A CoreDNS child. Alive from start until it exits, is killed, or takes SIGTERM (unless
+    ``ignores_sigterm``); a death it caused itself is recorded in ``children.exits`` for the test to deliver.
+    A wait for a live child lets ``timeout`` pass on the clock."""
+
+    def __init__(self, children: FakeChildren, index: int = 0, *, fail_start: bool = False) -> None:
+        self.children = children
+        self.index = index  # the instance it was launched for
+        self.fail_start = fail_start
+        self.pid = 0
+        self.alive = False
+        self.ignores_sigterm = children.ignore_sigterm
+        self.recent_output: deque[str] = deque(maxlen=20)
+
+    def start(self) -> int:
+        if self.fail_start:
+            raise CoreDnsStartError("cannot run /nope/coredns: No such file or directory")
+        self.pid = self.children.next_pid()
+        self.alive = True
+        self.children.calls.log.append(f"start {self.pid}")
+        return self.pid
+
+    def signal(self, signum: int) -> None:
+        self.children.calls.log.append(f"signal {self.pid} {signal.Signals(signum).name}")
+        if signum == signal.SIGTERM and not self.ignores_sigterm:
+            self.die(0)
+        elif signum == signal.SIGUSR1 and self.alive:
+            self.children.reloads.append(self.pid)
+
+    def kill_group(self) -> None:
+        self.children.calls.log.append(f"kill {self.pid}")
+        self.die(-signal.SIGKILL)
+
+    def die(self, returncode: int) -> None:
+        """It exits; the supervisor hears of it when the test delivers ``children.exits``."""
+        if self.alive:
+            self.alive = False
+            self.children.exits.append(ChildExited(self.pid, returncode))
+
+    def wait(self, timeout: float) -> int | None:
+        if self.alive and self.children.clock is not None:
+            self.children.clock.now += timeout
+        return None if self.alive else 0
+
+    def memory(self) -> tuple[int, int] | None:
+        return (10 << 20, 12 << 20) if self.alive else None
+
+    def listening(self, ips: object, port: int, *, ours: bool = True, also: object = ()) -> bool:
+        return self.alive if ours else self.children.others_listening
+
+
+@dataclass
+class FakeChildren:
+    """The supervisor's launcher: every child it launched, in order, and what they did."""
+
+    calls: Calls = field(default_factory=Calls)
+    clock: FakeClock | None = None
+    made: list[FakeChild] = field(default_factory=list)
+    exits: list[ChildExited] = field(default_factory=list)  # deaths not yet delivered to the supervisor
+    reloads: list[int] = field(default_factory=list)  # pids sent SIGUSR1
+    fail_start: bool = False  # the binary cannot be run
+    ignore_sigterm: bool = False  # children launched from now on ignore SIGTERM
+    others_listening: bool = True  # another agent's CoreDNS has bound the addresses
+    first_pid: int = 100
+
+    def __call__(self, post: Callable[[Event], None], index: int) -> FakeChild:
+        child = FakeChild(self, index, fail_start=self.fail_start)
+        self.made.append(child)
+        return child
+
+    def next_pid(self) -> int:
+        return self.first_pid + 1 + sum(1 for c in self.made if c.pid)
+
+    def of(self, index: int) -> FakeChild:
+        """The newest child launched for instance ``index``."""
+        return [c for c in self.made if c.index == index][-1]
+
+
+@dataclass
+class FakeNetwork:
+    """Records what the supervisor asks; ``fail_install`` makes installs fail (the xtables lock held)."""
+
+    calls: Calls = field(default_factory=Calls)
+    restore: list[str] = field(default_factory=list)
+    fail_install: bool = False
+    installed: bool = False
+    host: bool = False
+    others_alive: bool = False  # another agent holds the agents lock
+    watchers_dead: bool = False
+    deadlines: list[float] = field(default_factory=list)  # those handed to the removals
+
+    def join_node(self) -> None:
+        self.calls.log.append("join_node")
+
+    @contextlib.contextmanager
+    def leave_node(self, timeout: float) -> Iterator[bool]:
+        self.calls.log.append("leave_node: " + ("handover" if self.others_alive else "last"))
+        yield not self.others_alive
+        self.calls.log.append("left")
+
+    def setup_interface(self) -> list[str]:
+        self.calls.log.append("setup_interface")
+        return []
+
+    def prepare_rules(self) -> None:
+        self.calls.log.append("prepare_rules")
+
+    def install_rules(self, host_rules: bool) -> None:
+        if self.installed:
+            self.set_host_rules(host_rules)
+            return
+        self.calls.log.append(f"install_rules(host={host_rules})")
+        self.installed, self.host = not self.fail_install, host_rules
+
+    def set_host_rules(self, enabled: bool) -> None:
+        if enabled != self.host:
+            self.calls.log.append(f"host_rules({enabled})")
+        self.host = enabled
+
+    def rules_in_place(self) -> bool:
+        return self.installed
+
+    def reconcile(self) -> list[str]:
+        changes, self.restore = self.restore, []
+        if not self.installed and not self.fail_install and "install_rules(host=True)" in self.calls.log:
+            self.installed = True
+            changes.append("rules installed on retry")
+        return changes
+
+    def remove_rules(self, deadline: float) -> None:
+        self.calls.log.append("remove_rules")
+        self.deadlines.append(deadline)
+        self.installed = self.host = False
+
+    def remove_host_rules(self, deadline: float) -> None:
+        self.calls.log.append("remove_host_rules")
+        self.deadlines.append(deadline)
+        self.host = False
+
+    def remove_interface(self) -> None:
+        self.calls.log.append("remove_interface")
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
+    def watchers_alive(self) -> bool:
+        return not self.watchers_dead
+
+    def stop_watchers(self, timeout: float) -> None:
+        self.calls.log.append("stop network watchers")
+
+
+class QuietNetwork(NodeNetwork):
+    """The real node network, without the kernel watchers (a test posts their events instead)."""
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
+    def watchers_alive(self) -> bool:
+        return True
+
+    def stop_watchers(self, timeout: float) -> None: ...
+
+
+@dataclass
+class FakeCorefile:
+    """Renders ``text`` (with the API's data appended), or fails as told."""
+
+    text: str = "corefile v1"
+    error: str | None = None  # render raises ConfigError with this message
+    unwritable: bool = False  # write raises PermissionError
+    blow_up: bool = False  # the next render raises SeamBugError
+    written: list[str] = field(default_factory=list)
+
+    def render(self, api_data: Mapping[str, str] | None) -> str:
+        if self.blow_up:
+            self.blow_up = False
+            raise SeamBugError("render blew up")
+        if self.error:
+            raise ConfigError(self.error)
+        return self.text + (f" api={dict(api_data)}" if api_data else "")
+
+    def write(self, text: str) -> bool:
+        if self.unwritable:
+            raise PermissionError(13, "Permission denied")
+        self.written.append(text)
+        return True
+
+    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
+    def watchers_alive(self) -> bool:
+        return True
+
+    def stop_watchers(self, timeout: float) -> None: ...
+
+
+class FakeNotifier:
+    """Records READY=1 and STOPPING=1; ``at_ready``, when given, is asked at READY=1 and its answers kept."""
+
+    def __init__(self, at_ready: Callable[[], bool] | None = None) -> None:
+        self.sent: list[str] = []
+        self.statuses: list[str] = []
+        self.at_ready = at_ready
+        self.ready_answers: list[bool] = []
+
+    def ready(self, status: str) -> None:
+        self.sent.append("READY=1")
+        if self.at_ready is not None:
+            self.ready_answers.append(self.at_ready())
+
+    def status(self, text: str) -> None:
+        self.statuses.append(text)
+
+    def stopping(self) -> None:
+        self.sent.append("STOPPING=1")
+
+    def watchdog(self) -> None: ...
+
+
+class FakeProber:
+    """A prober that probes nothing (tests post the ProbeResults); ``alive`` as a test sets it."""
+
+    def __init__(self, settings: ProbeSettings, pid: int) -> None:
+        self.settings, self.pid = settings, pid
+        self.alive = True
+        self.stopped = False
+
+    def start(self) -> None: ...
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@dataclass
+class FakeProbers:
+    """The supervisor's prober factory: every prober made, with what it was asked to probe."""
+
+    made: list[FakeProber] = field(default_factory=list)
+
+    def __call__(self, settings: ProbeSettings, pid: int, post: Callable[[Event], None]) -> FakeProber:
+        self.made.append(FakeProber(settings, pid))
+        return self.made[-1]
+
+
+class FakeCgroup:
+    """The memory cgroup: ``kills`` is its oom_kill count, as a test sets it."""
+
+    def __init__(self) -> None:
+        self.kills = 0
+
+    def oom_kills(self) -> int | None:
+        return self.kills
+
+    def memory_limit(self) -> int | None:
+        return None

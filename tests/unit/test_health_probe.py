@@ -1,4 +1,5 @@
-"""The health probe's hand-built query and answer check, against dnspython and a real UDP socket."""
+"""The health probe's hand-built query and answer check, against dnspython and a real UDP socket; the one
+verdict each probe round carries, against real sockets and a real HTTP server on a free port."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dns.message
@@ -21,10 +24,11 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from agent.events import Event, ProbeResult
+from agent.events import Event, ProbeResult, Verdict
 from agent.health.probe import (
     MAX_BUSY_ROUNDS,
     BusyMeter,
+    HealthEndpoint,
     KernelView,
     Prober,
     ProbeSettings,
@@ -33,6 +37,7 @@ from agent.health.probe import (
     kernel_view,
     probe_dns,
     probe_query,
+    probe_round,
 )
 from harness.waiting import poll
 
@@ -299,6 +304,99 @@ def test_a_hang_between_rounds_of_a_working_coredns_is_confirmed_once_a_query_wa
             took = time.monotonic() - hung
         finally:
             prober.stop()
-    assert isinstance(second, ProbeResult) and second.stalled, second
+    assert isinstance(second, ProbeResult) and second.verdict is Verdict.STALLED, second
     assert took < 0.3, took  # a tick to see the query waiting, then the round's first resend
     assert "read none of the" in second.detail
+
+
+# One verdict per round -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def health_server(status: int, *, answer: bool = True) -> Iterator[str]:
+    """CoreDNS's /health on a free port, answering ``status`` (or reading the request and never answering)."""
+    hold = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if not answer:
+                hold.wait(5)
+                return
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/health"
+    finally:
+        hold.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "verdict"),
+    [(200, True, Verdict.HEALTHY), (503, True, Verdict.HEALTH_ENDPOINT_FAILED),
+     (200, False, Verdict.HEALTH_ENDPOINT_SILENT)],
+)  # fmt: skip
+def test_the_health_endpoint_says_healthy_failed_or_silent(
+    status: int, answer: bool, verdict: Verdict
+) -> None:
+    with health_server(status, answer=answer) as url:
+        endpoint = HealthEndpoint(url, 0.3)
+        try:
+            outcome = endpoint.probe()
+        finally:
+            endpoint.close()
+    assert outcome.verdict is verdict, outcome
+    assert outcome.verdict.endpoint == ("dns" if verdict is Verdict.HEALTHY else "health")
+
+
+def test_a_refused_query_means_not_listening_not_silence() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome = probe_dns(
+        ipaddress.ip_address("127.0.0.1"), port, "health.node-local-dns.", 0.5
+    )  # nothing bound: ICMP unreachable
+    assert outcome.verdict is Verdict.NOT_LISTENING and not outcome.silent, outcome
+    assert outcome.verdict.endpoint == "dns"
+
+
+def test_an_answer_that_is_not_the_probe_zones_is_a_wrong_answer() -> None:
+    port, thread = serve_once(3, 0)  # NXDOMAIN: kube-dns does not know the probe zone
+    outcome = probe_dns(ipaddress.ip_address("127.0.0.1"), port, "health.node-local-dns.", 2.0)
+    thread.join(timeout=5)
+    assert outcome.verdict is Verdict.WRONG_ANSWER and not outcome.silent, outcome
+
+
+def test_a_round_whose_dns_answers_but_whose_health_endpoint_fails_says_so_with_the_dns_latency() -> None:
+    with responder_answering_the_probe() as (_pid, port), health_server(500) as url:
+        settings = ProbeSettings((ipaddress.ip_address("127.0.0.1"),), port, "health.node-local-dns.", url)
+        endpoint = HealthEndpoint(url, 0.5)
+        try:
+            outcome = probe_round(settings, health=endpoint)
+        finally:
+            endpoint.close()
+    assert outcome.verdict is Verdict.HEALTH_ENDPOINT_FAILED, outcome
+    assert outcome.detail.endswith("/health: HTTP 500")
+
+
+def test_silence_seen_while_coredns_was_busy_is_busy_and_keeps_its_endpoint() -> None:
+    assert Verdict.SILENT.but_busy() is Verdict.BUSY
+    assert Verdict.HEALTH_ENDPOINT_SILENT.but_busy() is Verdict.HEALTH_ENDPOINT_BUSY
+    assert Verdict.HEALTH_ENDPOINT_BUSY.endpoint == "health" and Verdict.BUSY.endpoint == "dns"
+    assert Verdict.STALLED.but_busy() is Verdict.STALLED  # the kernel confirmed the hang: not busy
+    assert all(not v.busy for v in Verdict if v.silent)
+
+
+def test_the_event_carries_the_verdict_and_nothing_to_decide_again() -> None:
+    result = ProbeResult(1, Verdict.STALLED, "no answer", 0.2)
+    assert not result.ok and result.verdict.silent
+    assert ProbeResult(1, Verdict.HEALTHY, "ok", 0.001).ok

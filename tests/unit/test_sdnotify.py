@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.observe.sdnotify import Notifier, NotifyError, SocketNotifier, parse_address, parse_watchdog
+from agent.observe.sdnotify import NotifyError, NullNotifier, SocketNotifier, parse_address, parse_watchdog
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def receive(sock: socket.socket) -> list[str]:
 
 def test_without_notify_socket_the_null_notifier_sends_nothing() -> None:
     env: dict[str, str] = {"WATCHDOG_USEC": "30000000"}
-    notifier = Notifier.from_env(env)
-    assert type(notifier) is Notifier
+    notifier = NullNotifier.from_env(env)
+    assert type(notifier) is NullNotifier
     assert notifier.watchdog_interval is None
     notifier.ready("serving DNS")
     notifier.watchdog()
@@ -45,14 +45,14 @@ def test_without_notify_socket_the_null_notifier_sends_nothing() -> None:
 
 def test_ready_reaches_the_notify_socket_as_one_datagram(notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
         notifier.ready("serving DNS on 169.254.20.10")
         assert receive(sock) == ["READY=1", "STATUS=serving DNS on 169.254.20.10"]
 
 
 def test_status_stopping_and_watchdog_are_sent_in_order(notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
         notifier.status("coredns restarting: exited 1")
         notifier.watchdog()
         notifier.stopping()
@@ -67,7 +67,7 @@ def test_a_newline_in_the_status_cannot_inject_an_assignment(
     notify_socket: tuple[socket.socket, str],
 ) -> None:
     sock, path = notify_socket
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
         notifier.status("bad config\nREADY=1")
         assert receive(sock) == ["STATUS=bad config READY=1"]
 
@@ -77,7 +77,7 @@ def test_an_abstract_namespace_socket_is_reached_through_its_at_name() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(b"\0" + name.encode())
         sock.settimeout(2)
-        with Notifier.from_env({"NOTIFY_SOCKET": f"@{name}"}) as notifier:
+        with NullNotifier.from_env({"NOTIFY_SOCKET": f"@{name}"}) as notifier:
             notifier.watchdog()
             assert receive(sock) == ["WATCHDOG=1"]
 
@@ -86,7 +86,7 @@ def test_the_sender_credentials_are_this_process(notify_socket: tuple[socket.soc
     """systemd attributes a message by the sender's pid (NotifyAccess=main): it must be the agent itself."""
     sock, path = notify_socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
         notifier.ready("serving DNS")
         msg, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
     assert msg == b"READY=1\nSTATUS=serving DNS"
@@ -105,7 +105,7 @@ def test_messages_carry_the_same_assignments_as_systemd_notify(
         ["systemd-notify", "--no-block", "--ready", "--status=serving DNS"], env=env, check=True, timeout=10
     )
     reference = set(receive(sock))
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
         notifier.ready("serving DNS")
         assert set(receive(sock)) == reference
 
@@ -120,14 +120,14 @@ def test_the_notify_variables_are_consumed_so_children_do_not_inherit_them(
         "WATCHDOG_PID": str(os.getpid()),
         "PATH": "/bin",
     }
-    with Notifier.from_env(env) as notifier:
+    with NullNotifier.from_env(env) as notifier:
         assert isinstance(notifier, SocketNotifier)
     assert env == {"PATH": "/bin"}
 
 
 def test_the_watchdog_interval_is_half_of_watchdog_usec(notify_socket: tuple[socket.socket, str]) -> None:
     _, path = notify_socket
-    with Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}, pid=1234) as notifier:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}, pid=1234) as notifier:
         assert notifier.watchdog_interval == 15.0
 
 
@@ -174,12 +174,12 @@ def test_notify_socket_addresses(value: str, address: str | bytes) -> None:
 @pytest.mark.parametrize("value", ["vsock:2:1234", "run/notify", "@"])
 def test_unsupported_notify_socket_addresses_are_named(value: str) -> None:
     with pytest.raises(NotifyError, match=rf"^NOTIFY_SOCKET: {value!r} is not a unix socket path"):
-        Notifier.from_env({"NOTIFY_SOCKET": value})
+        NullNotifier.from_env({"NOTIFY_SOCKET": value})
 
 
 def test_an_unreachable_manager_is_logged_once_per_change_and_never_raises(tmp_path: Path) -> None:
     path = tmp_path / "notify"
-    with Notifier.from_env({"NOTIFY_SOCKET": str(path)}) as notifier, capture_logs() as logs:
+    with NullNotifier.from_env({"NOTIFY_SOCKET": str(path)}) as notifier, capture_logs() as logs:
         assert [notifier.send("WATCHDOG=1") for _ in range(3)] == [False, False, False]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(str(path))

@@ -15,166 +15,61 @@ import itertools
 import shutil
 import signal
 import tempfile
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import agent.node.packetfilter
-from agent.events import ChildExited, ChildOutput, ChildStopped, ConfigChanged, Event, ProbeResult, Signal
+from agent.events import (
+    ChildExited,
+    ChildOutput,
+    ChildStopped,
+    ConfigChanged,
+    Event,
+    ProbeResult,
+    Signal,
+    Verdict,
+)
 from agent.health.probe import ProbeSettings
 from agent.node.interface import Interface
-from agent.node.network import NodeNetwork
 from agent.node.packetfilter import PacketFilter
 from agent.node.rules import HOST_QUERIES, SKIP_CONNTRACK, TAG
 from agent.node.xtables import Xtables
 from agent.observe.metrics import Metrics
-from agent.settings import ConfigError, Settings
+from agent.settings import Settings
 from agent.stopflag import StopFlag
-from agent.supervisor.loop import Supervisor, Timing
+from agent.supervisor.loop import Supervisor
 from agent.supervisor.states import CoreDnsState
-from tests.unit.fakes import FakeIptables, FakeNetlink
+from agent.supervisor.timing import Timing
+from tests.unit.fakes import (
+    FakeChild,
+    FakeChildren,
+    FakeClock,
+    FakeCorefile,
+    FakeIptables,
+    FakeNetlink,
+    FakeNotifier,
+    FakeProbers,
+    QuietNetwork,
+    sample,
+)
 
 LOCAL_IPS = (ipaddress.ip_address("169.254.20.10"), ipaddress.ip_address("10.96.0.10"))
 TIMING = Timing()
 HANG = f"no answer from {LOCAL_IPS[0]}:53 within 0.5s"
 REFUSED = f"query to {LOCAL_IPS[0]}:53 failed: Connection refused"
 WRONG = f"{LOCAL_IPS[1]}:53 answered NXDOMAIN for health.node-local-dns."
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class SeamBugError(RuntimeError):
-    """An unexpected error from a seam (a bug, not a failure the seam reports)."""
-
-
-class Runner:
-    """The fake iptables binaries, which can fail once with an unexpected error."""
-
-    def __init__(self, fake: FakeIptables) -> None:
-        self.fake = fake
-        self.boom = False
-
-    def __call__(self, argv: Any, **kwargs: Any) -> Any:
-        if self.boom:
-            self.boom = False
-            raise SeamBugError(f"{argv[0]} blew up")
-        return self.fake(argv, **kwargs)
-
-
-class Child:
-    """A CoreDNS child: alive from start until it exits or is killed; its exit is delivered later."""
-
-    next_pid = 1000
-
-    def __init__(self, model: SupervisorModel, index: int = 0) -> None:
-        self.model = model
-        self.index = index  # the instance it was launched for (twins: 0 or 1)
-        self.pid = 0
-        self.alive = False
-        self.recent_output: deque[str] = deque(maxlen=20)
-
-    def start(self) -> int:
-        Child.next_pid += 1
-        self.pid, self.alive = Child.next_pid, True
-        self.model.children.append(self)
-        return self.pid
-
-    def signal(self, signum: int) -> None:
-        if signum == signal.SIGTERM and self.alive:
-            self._die(0)
-        elif signum == signal.SIGUSR1 and self.alive:
-            self.model.reloads_sent.append(self.pid)
-
-    def kill_group(self) -> None:
-        if self.alive:
-            self._die(-signal.SIGKILL)
-
-    def _die(self, returncode: int) -> None:
-        self.alive = False
-        self.model.pending_exits.append(ChildExited(self.pid, returncode))
-
-    def wait(self, timeout: float) -> int | None:
-        return None if self.alive else 0
-
-    def listening(self, ips: object, port: int, *, ours: bool = True, also: object = ()) -> bool:
-        return self.alive and ours
-
-    def memory(self) -> tuple[int, int] | None:
-        return (10 << 20, 12 << 20) if self.alive else None
-
-
-class Corefile:
-    def __init__(self) -> None:
-        self.version = 1
-        self.invalid = False
-        self.unwritable = False
-        self.boom = False
-        self.written: list[str] = []
-
-    def render(self, api_data: Mapping[str, str] | None) -> str:
-        if self.boom:
-            self.boom = False
-            raise SeamBugError("render blew up")
-        if self.invalid:
-            raise ConfigError("stubDomains: malformed JSON")
-        return f"corefile v{self.version}"
-
-    def write(self, text: str) -> bool:
-        if self.unwritable:
-            raise PermissionError(13, "Permission denied")
-        self.written.append(text)
-        return True
-
-    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def watchers_alive(self) -> bool:
-        return True
-
-    def stop_watchers(self, timeout: float) -> None: ...
-
-
-class Notifier:
-    def __init__(self, model: SupervisorModel) -> None:
-        self.model = model
-        self.ready_while_serving: list[bool] = []
-
-    def ready(self, status: str) -> None:
-        self.ready_while_serving.append(self.model.pod_rules_present())
-
-    def status(self, text: str) -> None: ...
-    def stopping(self) -> None: ...
-    def watchdog(self) -> None: ...
-
-
-class Prober:
-    alive = True
-
-    def __init__(self, *args: object) -> None: ...
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-
-class QuietNetwork(NodeNetwork):
-    """The real node network, without the kernel watchers (events come from the model instead)."""
-
-    def start_watchers(self, post: Callable[[Event], None]) -> None: ...
-    def watchers_alive(self) -> bool:
-        return True
-
-    def stop_watchers(self, timeout: float) -> None: ...
+PROBES = {
+    "ok": (Verdict.HEALTHY, "ok"),
+    "silent": (Verdict.SILENT, HANG),
+    "stalled": (Verdict.STALLED, HANG),
+    "refused": (Verdict.NOT_LISTENING, REFUSED),
+    "wrong": (Verdict.WRONG_ANSWER, WRONG),
+}
 
 
 class SupervisorModel(RuleBasedStateMachine):
@@ -183,36 +78,39 @@ class SupervisorModel(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="supervisor-model-"))
         for names in ("ip_tables_names", "ip6_tables_names"):
             (self.tmp / names).write_text("raw\nfilter\n")
-        self.children: list[Child] = []
-        self.pending_exits: list[ChildExited] = []
-        self.reloads_sent: list[int] = []
-        self.clock = Clock()
+        self.clock = FakeClock()
+        self.launched = FakeChildren(clock=self.clock, others_listening=False, first_pid=1000)
         self.iptables = FakeIptables()
-        self.runner = Runner(self.iptables)
-        self.corefile = Corefile()
+        self.corefile = FakeCorefile()
+        self.version = 1
         self.stopped = False
         self.exit_code: int | None = None
         self.state_events: list[dict[str, Any]] = []
         self.lock_busy_since_healthy = False
 
     # Set-up ---------------------------------------------------------------------------------------------
-    @initialize(host_failover=st.booleans(), instances=st.sampled_from([1, 2]))
-    def start(self, host_failover: bool, instances: int) -> None:
+    @initialize(instances=st.sampled_from([1, 2]))
+    def start(self, instances: int) -> None:
         s = Settings(
             coredns_instances=instances,
             local_ips=LOCAL_IPS,
             status_file=self.tmp / "status.json",
             agents_lock=self.tmp / "agents.lock",
-            host_failover=host_failover,
             iptables_mode="legacy",
         )
         metrics, stop = Metrics(), StopFlag()
-        xtables = Xtables("legacy", self.tmp / "xtables.lock", 1.0, run=self.runner, proc_net=self.tmp)
+        xtables = Xtables("legacy", self.tmp / "xtables.lock", 1.0, run=self.iptables, proc_net=self.tmp)
         packet_filter = PacketFilter(
-            s, metrics, xtables=xtables, fingerprint=self.iptables.fingerprint, clock=self.clock, stop=stop
+            s,
+            metrics,
+            xtables=xtables,
+            fingerprint=self.iptables.fingerprint,
+            clock=self.clock,
+            stop=stop,
+            lock_retry_pause=0.0,  # the fake lock frees itself at once: no real pauses
         )
         self.netlink = FakeNetlink()
-        network = QuietNetwork(
+        self.network = network = QuietNetwork(
             s,
             metrics,
             stop,
@@ -220,25 +118,25 @@ class SupervisorModel(RuleBasedStateMachine):
             packet_filter=packet_filter,
             leftover_backends=[xtables],
         )
-        self.notifier = Notifier(self)
+        self.notifier = FakeNotifier(at_ready=self.pod_rules_present)
         self.sup = Supervisor(
             settings=s,
             network=network,
             corefile=self.corefile,
-            launcher=lambda post, index: Child(self, index),  # type: ignore[arg-type, return-value]
+            launcher=self.launched,  # type: ignore[arg-type]
             probe_settings=ProbeSettings(LOCAL_IPS, 53, "health.node-local-dns.", None),
             metrics=metrics,
             notifier=self.notifier,
-            prober_factory=Prober,
+            prober_factory=FakeProbers(),  # type: ignore[arg-type]
             stop=stop,
             clock=self.clock,
-            sleep=lambda seconds: None,
+            sleep=self.clock.sleep,
         )
         self._guarded(self.sup.start)
 
     def teardown(self) -> None:
         if not getattr(self, "stopped", True) and hasattr(self, "sup"):
-            self.iptables.lock_busy = self.runner.boom = self.corefile.boom = False
+            self.iptables.lock_busy = self.iptables.blow_up = self.corefile.blow_up = False
             with structlog.testing.capture_logs():
                 self.sup.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -262,13 +160,21 @@ class SupervisorModel(RuleBasedStateMachine):
         self.exit_code = self.sup.shutdown()
         self.stopped = True
         assert self.exit_code == 0
-        assert self.sup.metrics.agent_failures._value.get() == (1 if expect_failure else 0)
+        assert sample(self.sup.metrics, "nodelocaldns_agent_failures_total") == (1 if expect_failure else 0)
 
     def _post(self, event: Event) -> None:
         self.sup.post(event)
         self._guarded(lambda: self.sup.step(0))
 
-    def live(self, index: int) -> Child | None:
+    @property
+    def children(self) -> list[FakeChild]:
+        return [c for c in self.launched.made if c.pid]
+
+    @property
+    def pending_exits(self) -> list[ChildExited]:
+        return self.launched.exits
+
+    def live(self, index: int) -> FakeChild | None:
         """Instance ``index``'s child while it lives."""
         mine = [c for c in self.children if c.index == index % self.sup.settings.coredns_instances]
         return mine[-1] if mine and mine[-1].alive else None
@@ -295,12 +201,8 @@ class SupervisorModel(RuleBasedStateMachine):
         if not pids:
             return
         pid = pids[0] if stale else pids[-1]
-        detail = {"ok": "ok", "silent": HANG, "stalled": HANG, "refused": REFUSED, "wrong": WRONG}[outcome]
-        result = ProbeResult(
-            pid, outcome == "ok", detail, 0.001, outcome in ("silent", "stalled"),
-            wrong_answer=outcome == "wrong", stalled=outcome == "stalled", at=time.monotonic(),
-        )  # fmt: skip
-        self._post(result)
+        verdict, detail = PROBES[outcome]
+        self._post(ProbeResult(pid, verdict, detail, 0.001, at=self.clock.now))
 
     @precondition(lambda self: not self.stopped)
     @rule(how=st.sampled_from([1, 2, -signal.SIGKILL, -signal.SIGSEGV]), index=st.integers(0, 1))
@@ -308,8 +210,7 @@ class SupervisorModel(RuleBasedStateMachine):
         child = self.live(index)
         if child is not None:
             child.recent_output.append("[FATAL] plugin/loop: Loop detected")
-            child.alive = False
-            self.pending_exits.append(ChildExited(child.pid, how))
+            child.die(how)
 
     @precondition(lambda self: not self.stopped)
     @rule(index=st.integers(0, 1))
@@ -327,14 +228,16 @@ class SupervisorModel(RuleBasedStateMachine):
     @precondition(lambda self: not self.stopped)
     @rule(valid=st.booleans(), unwritable=st.booleans())
     def config_changes(self, valid: bool, unwritable: bool) -> None:
-        self.corefile.version += 1
-        self.corefile.invalid, self.corefile.unwritable = not valid, unwritable
+        self.version += 1
+        self.corefile.text = f"corefile v{self.version}"
+        self.corefile.error = None if valid else "stubDomains: malformed JSON"
+        self.corefile.unwritable = unwritable
         self._post(ConfigChanged("kube-dns configmap"))
 
-    @precondition(lambda self: not self.stopped and bool(self.reloads_sent))
+    @precondition(lambda self: not self.stopped and bool(self.launched.reloads))
     @rule(confirmed=st.booleans(), stale=st.booleans())
     def reload_outcome(self, confirmed: bool, stale: bool) -> None:
-        pid = self.reloads_sent[0] if stale else self.reloads_sent[-1]
+        pid = self.launched.reloads[0] if stale else self.launched.reloads[-1]
         line = "[INFO] Reloading complete" if confirmed else "[ERROR] Restart failed: address in use"
         self._post(ChildOutput(pid, line))
 
@@ -347,9 +250,9 @@ class SupervisorModel(RuleBasedStateMachine):
     @rule(seam=st.sampled_from(["iptables", "render"]))
     def a_seam_raises_unexpectedly(self, seam: str) -> None:
         if seam == "iptables":
-            self.runner.boom = True
+            self.iptables.blow_up = True
         else:
-            self.corefile.boom = True
+            self.corefile.blow_up = True
 
     @precondition(lambda self: not self.stopped)
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.0, 5.0, 16.0, 31.0]))
@@ -381,8 +284,7 @@ class SupervisorModel(RuleBasedStateMachine):
         if self.stopped:
             return
         healthy = self.sup.state is CoreDnsState.RUNNING and self.healthy()
-        host_rules_stay = not self.sup.settings.host_failover and self.ever_installed()
-        assert self.host_rules_present() == (healthy or host_rules_stay)
+        assert self.host_rules_present() == healthy
         assert self.sup.serving == (healthy and self.pod_rules_present())
 
     @precondition(lambda self: self.stopped)
@@ -407,17 +309,15 @@ class SupervisorModel(RuleBasedStateMachine):
         gated = [spec for spec in self._ours() if SKIP_CONNTRACK in spec and "-m socket" in spec]
         return len(gated) == 2 * len(LOCAL_IPS)  # udp and tcp per address
 
-    def ever_installed(self) -> bool:
-        return any("-m socket" in text for text in self.iptables.inputs)
-
     # Invariants -----------------------------------------------------------------------------------------
     @invariant()
     def host_rules_only_while_coredns_is_healthy(self) -> None:
-        if self.stopped or not self.sup.settings.host_failover or not self.host_rules_present():
+        if self.stopped or not self.host_rules_present():
             return
         healthy = self.sup.state is CoreDnsState.RUNNING and self.healthy()
         # Without the lock they cannot come off; the reconcile retries (with back-off) once it is free.
-        retry_at = self.sup.network.packet_filter._retry_at  # type: ignore[attr-defined]
+        assert self.network.packet_filter is not None
+        retry_at = self.network.packet_filter.state.retry_at
         assert healthy or self.iptables.lock_busy or retry_at > self.clock.now, (
             f"host rules point at a CoreDNS that is {self.sup.state}"
         )
@@ -429,8 +329,8 @@ class SupervisorModel(RuleBasedStateMachine):
         if self.sup.serving:
             assert self.sup.state is CoreDnsState.RUNNING
             assert self.pod_rules_present()
-        assert all(self.notifier.ready_while_serving)
-        assert len(self.notifier.ready_while_serving) <= 1
+        assert all(self.notifier.ready_answers)
+        assert len(self.notifier.ready_answers) <= 1
 
     @invariant()
     def at_most_one_live_child_per_instance(self) -> None:
@@ -445,7 +345,6 @@ class SupervisorModel(RuleBasedStateMachine):
     @invariant()
     def backoff_is_bounded(self) -> None:
         for inst in self.sup.instances:
-            assert inst.restart_delay <= TIMING.backoff_max
             if inst.restart_at is not None and not self.stopped:
                 assert inst.restart_at - self.clock.now <= TIMING.backoff_max
 
@@ -468,11 +367,6 @@ class SupervisorModel(RuleBasedStateMachine):
         assert not any(c.alive for c in self.children)
         assert self.netlink.links == {}
         assert self.sup.state is CoreDnsState.STOPPED
-
-
-@pytest.fixture(autouse=True)
-def _no_real_lock_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent.node.packetfilter, "_LOCK_RETRY_PAUSE", 0.0)
 
 
 TestSupervisorModel = SupervisorModel.TestCase

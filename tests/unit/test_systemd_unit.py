@@ -15,7 +15,7 @@ import yaml
 from agent.cli import parse
 from agent.observe.sdnotify import parse_watchdog
 from agent.settings import parse_duration
-from agent.supervisor.loop import Timing
+from agent.supervisor.timing import Timing
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "image" / "node-local-dns.service"
