@@ -1,5 +1,5 @@
 """The data path, with dnsperf from a pod and cached names: through the kube-dns ClusterIP with the agent,
-with node-cache's rules (the same agent, ``--socket-gate=false``), with no local cache at all (kube-proxy's
+with the real node-cache (its rules and its compiled-in CoreDNS), with no local cache at all (kube-proxy's
 DNAT to the kube-dns pod), and straight to the agent's CoreDNS on its local address from inside the node
 (the ceiling: no veth, no routing between namespaces).
 
@@ -25,7 +25,7 @@ from harness import sandbox as sb
 PATHS = ("ours", "node_cache", "no_agent", "ceiling")
 TITLES = {
     "ours": "ClusterIP → agent's CoreDNS",
-    "node_cache": "ClusterIP → CoreDNS, node-cache rules",
+    "node_cache": "ClusterIP → node-cache",
     "no_agent": "ClusterIP → kube-proxy DNAT → kube-dns",
     "ceiling": "inside the node → agent's CoreDNS (ceiling)",
 }
@@ -54,7 +54,7 @@ def measure(node: Node, plan: DatapathPlan, log: Callable[[str], None]) -> dict[
         out["ceiling"] = _path(node, plan, str(queries), box.node, sb.LOCAL_IP, conntrack=False)
         log(_line("ceiling", out["ceiling"]))
         node.reset()
-        node.start_agent("node_cache")
+        node.start_server("node_cache")
         out["node_cache"] = _path(node, plan, str(queries), pod, sb.KUBE_DNS_IP, conntrack=True)
         log(_line("node_cache", out["node_cache"]))
     finally:

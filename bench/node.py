@@ -1,12 +1,9 @@
 """One node under benchmark: the sandbox, the agents started in it, background loads, and the reset that
 gives every scenario the same starting point.
 
-Two kinds of agent run here. ``ours`` is the agent as shipped. ``node_cache`` is the same agent with
-node-cache's behaviour switched on (``--socket-gate=false``: node-cache's PREROUTING NOTRACK rule without
-the socket match; ``--host-failover=false``: host rules kept whatever CoreDNS's health; ``--serve-stale=0``:
-its Corefile's cache, without serve_stale). The real node-cache
-cannot be built here (the Go module proxy refuses ``k8s.io/dns``), so what its process does when it dies,
-hangs or is restarted is reproduced by the scenarios in :mod:`bench.failover`.
+Two kinds of server run here. ``ours`` is the agent as shipped, supervising CoreDNS. ``node_cache`` is the
+real node-cache 1.26.7 (:mod:`harness.nodecache`), started as the upstream DaemonSet starts it, in the same
+sandbox and the same run: one process with CoreDNS compiled in, its own rules, its own teardown.
 """
 
 from __future__ import annotations
@@ -22,16 +19,16 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
+from harness import nodecache
 from harness import sandbox as sb
 from harness.agentproc import REPO, AgentProcess
 from harness.configmapdir import publish
 
 Kind = Literal["ours", "node_cache"]
 KINDS: tuple[Kind, ...] = ("ours", "node_cache")
-LABELS: dict[Kind, str] = {"ours": "agent", "node_cache": "node-cache behaviour"}
-BASELINE_FLAGS = ("--socket-gate=false", "--host-failover=false", "--serve-stale=0")
+LABELS: dict[Kind, str] = {"ours": "agent", "node_cache": f"node-cache {nodecache.NODE_CACHE_VERSION}"}
 SERVICE = "web.default.svc.cluster.local"
 SERVICE_IP = "10.96.10.20"
 LOCAL_IPS = (sb.LOCAL_IP, sb.KUBE_DNS_IP)
@@ -47,8 +44,64 @@ class BenchError(RuntimeError):
     """A benchmark step did not do what it must (the node did not reset, a load printed nothing…)."""
 
 
-def agent_flags(kind: Kind) -> list[str]:
-    return list(BASELINE_FLAGS) if kind == "node_cache" else []
+class Server(Protocol):
+    """What the scenarios ask of a node's DNS server, the agent or node-cache."""
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None: ...
+    def agent_pid(self) -> int: ...
+    def coredns_pid(self) -> int | None: ...
+    def coredns_pids(self) -> list[int]: ...
+    def wait_serving(self, timeout: float = 20.0) -> None: ...
+    def stop(self, timeout: float = 15.0) -> int: ...
+    def kill(self) -> None: ...
+    def write_kubedns(self, data: dict[str, str]) -> None: ...
+
+
+class NodeCacheServer:
+    """The real node-cache behind the :class:`Server` interface. It is one process: CoreDNS is compiled in, so
+    its "CoreDNS" is node-cache itself, and a signal to either is a signal to both."""
+
+    def __init__(self, box: sb.Sandbox) -> None:
+        self.box = box
+        self.handle: nodecache.NodeCache | None = None
+
+    def start(self, *, wait: bool, timeout: float) -> None:
+        self.handle = nodecache.start(self.box, wait=wait, timeout=timeout)
+
+    def _started(self) -> nodecache.NodeCache:
+        if self.handle is None:
+            raise BenchError("node-cache was not started")
+        return self.handle
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.handle is None else self.handle.process
+
+    def agent_pid(self) -> int:
+        return self._started().pid
+
+    def coredns_pid(self) -> int | None:
+        handle = self._started()
+        return handle.pid if handle.process.poll() is None else None
+
+    def coredns_pids(self) -> list[int]:
+        pid = self.coredns_pid()
+        return [] if pid is None else [pid]
+
+    def wait_serving(self, timeout: float = 20.0) -> None:
+        self._started().wait_ready(timeout)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        return self._started().stop(timeout) if self.handle is not None else 0
+
+    def kill(self) -> None:
+        if self.handle is not None and self.handle.process.poll() is None:
+            self.handle.kill()
+
+    def write_kubedns(self, data: dict[str, str]) -> None:
+        """node-cache's ``-kubednscm`` directory, updated the way the kubelet does (a ``..data`` swap)."""
+        publish(self._started().workdir / "kube-dns", data)
 
 
 def python_in(module: str, *args: str) -> list[str]:
@@ -154,25 +207,41 @@ class Node:
 
     def __init__(self, box: sb.Sandbox) -> None:
         self.box = box
-        self.agents: list[AgentProcess] = []
+        self.agents: list[Server] = []
         self._names = itertools.count()
 
     # Agents -------------------------------------------------------------------------------------------
     def start_agent(
         self, kind: Kind, *, wait: bool = True, timeout: float = 20.0, extra: Sequence[str] = ()
     ) -> AgentProcess:
-        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=[*agent_flags(kind), *extra])
+        """The agent as shipped (with ``extra`` flags), serving unless ``wait`` is false."""
+        if kind != "ours":
+            raise BenchError(f"start_agent starts the agent, not {kind}: use start_server")
+        agent = AgentProcess(self.box, name=f"{kind}-{next(self._names)}", extra=list(extra))
         self.agents.append(agent)
         agent.start()
         if wait:
             agent.wait_serving(timeout)
         return agent
 
-    def kill_agent_and_coredns(self, agent: AgentProcess, signum: int = signal.SIGKILL) -> list[int]:
+    def start_server(
+        self, kind: Kind, *, wait: bool = True, timeout: float = 20.0, extra: Sequence[str] = ()
+    ) -> Server:
+        """The node's DNS server of ``kind``: the agent (with ``extra`` flags) or the real node-cache."""
+        if kind == "ours":
+            return self.start_agent(kind, wait=wait, timeout=timeout, extra=extra)
+        if extra:
+            raise BenchError(f"node-cache takes no agent flags: {list(extra)}")
+        server = NodeCacheServer(self.box)
+        self.agents.append(server)
+        server.start(wait=wait, timeout=timeout)
+        return server
+
+    def kill_agent_and_coredns(self, agent: Server, signum: int = signal.SIGKILL) -> list[int]:
         """Signal the agent and its CoreDNS at once (node-cache is one process: CoreDNS is compiled in)."""
         pids = [agent.agent_pid()]
         coredns = agent.coredns_pid()
-        if coredns is not None:
+        if coredns is not None and coredns not in pids:
             pids.append(coredns)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -210,12 +279,16 @@ class Node:
 
     # Reset --------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Every agent and CoreDNS gone, the agent's rules and interface removed (``agent --teardown``),
+        """Every agent, node-cache and CoreDNS gone, the agent's and node-cache's rules and the interface
+        removed (``agent --teardown``, which removes both rule sets),
         the kube-dns ConfigMap empty, conntrack flushed; checked, so no scenario inherits another's state."""
         self.kill_all()
-        kubedns_dir = self.box.workdir / "kube-dns-configmap"
-        if kubedns_dir.exists():
-            publish(kubedns_dir, {})
+        for kubedns_dir in (
+            self.box.workdir / "kube-dns-configmap",
+            self.box.workdir / "node-cache" / "kube-dns",
+        ):
+            if kubedns_dir.exists():
+                publish(kubedns_dir, {})
         if self._clean():
             self.box.flush_conntrack()
             return
@@ -228,8 +301,9 @@ class Node:
         self.box.flush_conntrack()
 
     def _leftovers(self) -> list[str]:
-        """The agent's rules and the interface, where they are still on the node."""
-        left = [line for line in self.box.save_rules().splitlines() if RULE_TAG in line]
+        """The agent's or node-cache's rules and the interface, where they are still on the node."""
+        tags = (RULE_TAG, *nodecache.RULE_COMMENTS)
+        left = [line for line in self.box.save_rules().splitlines() if any(tag in line for tag in tags)]
         link = self.box.exec(self.box.node, ["ip", "-o", "link", "show", "nodelocaldns"], check=False)
         return left + ([link.strip()] if link.strip() else [])
 

@@ -1,6 +1,6 @@
 """CoreDNS twins (``--coredns-instances 2``) on the link-local address, where no kube-dns stands behind the
 cache (IPVS mode, a pod with a custom dnsConfig): a CoreDNS lost under load with one instance, with twins,
-and with node-cache's behaviour; and what twins cost (memory, and the queries sent on to kube-dns, since each
+and with the real node-cache; and what twins cost (memory, and the queries sent on to kube-dns, since each
 twin has its own cache).
 
 The faults are :mod:`bench.failover`'s own: SIGKILL of a CoreDNS (node-cache: the whole process, restarted

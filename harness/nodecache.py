@@ -1,9 +1,8 @@
 """The real node-cache (the program the agent replaces) in a node sandbox, as the benchmarks' baseline.
 
-The binary is not built by this project: the Go module proxy refuses the module ``k8s.io/dns`` (403, "This
-module version is not available"), so it is used only where someone has put one at ``NODE_CACHE_BINARY``
-(default ``/usr/local/bin/node-cache``); :func:`unavailable` says why it cannot run, and the benchmarks fall
-back to reproducing its behaviour with the agent's switches.
+The binary is node-cache 1.26.7 built from the upstream kubernetes/dns tag, kept beside the repository in
+``../shared/bin/node-cache`` (its README there gives the build and the sha256); ``NODE_CACHE_BINARY`` names
+another. It is never copied into the repository. :func:`unavailable` says why it cannot run.
 
 node-cache is started as the upstream DaemonSet starts it (``-localip LOCAL,CLUSTER -conf …
 -upstreamsvc kube-dns-upstream`` with ``KUBE_DNS_UPSTREAM_SERVICE_HOST`` set), with every path moved into
@@ -40,8 +39,10 @@ from harness.sandbox import (
     SandboxError,
 )
 
-NODE_CACHE_BINARY = os.environ.get("NODE_CACHE_BINARY", "/usr/local/bin/node-cache")
-# The version the figures in the README were taken with (kubernetes/dns tag 1.26.7, CoreDNS v1.13.1 inside).
+REPO = Path(__file__).resolve().parents[1]
+NODE_CACHE_BINARY = os.environ.get("NODE_CACHE_BINARY", str(REPO.parent / "shared" / "bin" / "node-cache"))
+# The version the figures in docs/benchmarks.md were taken with (kubernetes/dns tag 1.26.7, CoreDNS v1.13.1
+# inside).
 NODE_CACHE_VERSION = "1.26.7"
 INTERFACE = "nodelocaldns"
 HEALTH_PORT = 8080
@@ -63,8 +64,8 @@ def unavailable(binary: str | None = None) -> str | None:
     path = binary or NODE_CACHE_BINARY
     if not os.access(path, os.X_OK):
         return (
-            f"no node-cache binary at {path}: the Go module proxy refuses k8s.io/dns, so this project cannot "
-            "build it; set NODE_CACHE_BINARY to one built by hand to compare against the real thing"
+            f"no node-cache binary at {path}: put node-cache 1.26.7 there (../shared/bin beside the "
+            "repository) or set NODE_CACHE_BINARY"
         )
     return None
 
