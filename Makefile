@@ -2,13 +2,30 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-cluster test test-unit test-integration lint bench bench-quick soak soak-quick clean \
-	wheel wheel-smoke image-lint manifest-check unit-check ship-check image controlplane test-controlplane
+.PHONY: setup setup-base setup-image setup-cluster demo demo-cluster test test-unit test-integration lint \
+	bench bench-quick soak soak-quick clean wheel wheel-smoke image-lint manifest-check unit-check ship-check \
+	image controlplane test-controlplane
 
-setup:
+# Setting up a fresh Debian machine, in parts, each idempotent and quick once its work is done. A target
+# depends on the parts it needs, so `make demo` sets up only the base (CoreDNS's Go build is most of it).
+#   setup-base     Debian packages, CoreDNS at the pinned release, the virtual environment (scripts/setup.sh):
+#                  all that the demo, the unit tests, lint and the benchmarks need
+#   setup-image    podman, the base images' stand-ins and the container image (scripts/setup-image.sh)
+#   controlplane   kube-apiserver, kubectl, etcd, helm and the node components (scripts/setup-controlplane.sh)
+#   setup-cluster  the cluster fixture's node parts: containerd, runc, CNI plugins, pause image
+#   setup          all of it: `make test`, `make demo-cluster` and CI need all of it
+setup: setup-base setup-image controlplane setup-cluster
+
+setup-base:
 	bash scripts/setup.sh
 
-demo: setup
+setup-image: setup-base
+	bash scripts/setup-image.sh
+
+setup-cluster: setup-image controlplane
+	bash scripts/setup-cluster.sh
+
+demo: setup-base
 	$(PY) -m demo.sandbox
 
 # The same story on a real single-node cluster (harness/cluster.py; about a minute, root): the shipped manifest
@@ -21,62 +38,64 @@ demo-cluster: setup
 test: setup
 	$(PY) -m pytest tests bench/tests
 
-test-unit: setup
+test-unit: setup-base
 	$(PY) -m pytest tests/unit bench/tests
 
 test-integration: setup
 	$(PY) -m pytest tests/integration
 
-lint: setup
+lint: setup-base
 	$(VENV)/bin/ruff check agent harness tests bench demo scripts
 	$(VENV)/bin/ruff format --check agent harness tests bench demo scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 # Benchmarks in node sandboxes (root): `make bench` (about 17 minutes) writes bench/results/ (JSON, the
-# README section, the SIGKILL plot) and the README section between the bench markers; `make bench-quick`
-# (about 75 s) runs every measurement once into build/bench-quick/ to keep the harness working.
-bench: setup
-	$(PY) -m bench.run --out bench/results --readme README.md --command "make bench"
+# section, the SIGKILL plot) and the section between the bench markers of docs/benchmarks.md; `make
+# bench-quick` (about 75 s) runs every measurement once into build/bench-quick/ to keep the harness working.
+bench: setup-base
+	$(PY) -m bench.run --out bench/results --doc docs/benchmarks.md --command "make bench"
 
-bench-quick: setup
+bench-quick: setup-base
 	$(PY) -m bench.run --quick --out build/bench-quick --command "make bench-quick"
 
 # Chaos soak in a node sandbox (root): the real agent under 1000 qps from a pod while seeded random faults hit
-# it. `make soak` (20 minutes) writes bench/results/soak.json and the README section between the soak markers;
-# `make soak-quick` (2 minutes, CI) writes build/soak-quick/. Both exit 1 on an unrecovered fault, a duplicate
-# rule, a leak or anything the agent left behind. SOAK_ARGS passes more flags, e.g. SOAK_ARGS="--seed 42".
+# it. `make soak` (20 minutes) writes bench/results/soak.json and the section between the soak markers of
+# docs/benchmarks.md; `make soak-quick` (2 minutes, CI) writes build/soak-quick/. Both exit 1 on an
+# unrecovered fault, a duplicate rule, a leak or anything the agent left behind. SOAK_ARGS passes more flags,
+# e.g. SOAK_ARGS="--seed 42".
 SOAK_ARGS ?=
-soak: setup
-	$(PY) -m bench.soak --out bench/results --readme README.md --logs build/soak-logs --command "make soak" $(SOAK_ARGS)
+soak: setup-base
+	$(PY) -m bench.soak --out bench/results --doc docs/benchmarks.md --logs build/soak-logs --command "make soak" \
+		$(SOAK_ARGS)
 
-soak-quick: setup
+soak-quick: setup-base
 	$(PY) -m bench.soak --quick --out build/soak-quick --logs build/soak-quick/logs --command "make soak-quick" $(SOAK_ARGS)
 
 # Shipping: the wheel the image installs, the Dockerfile, the DaemonSet manifest and the systemd unit.
 # `make ship-check` runs the checks around the image that need no container engine (the image itself is built
-# by `make setup` / `make image` and run by the integration tests).
-wheel: setup
+# by `make setup-image`, part of `make setup`, or `make image`; the integration tests run it).
+wheel: setup-base
 	rm -rf dist
 	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
 
 wheel-smoke: wheel
 	PY=$(PY) bash scripts/wheel-smoke.sh
 
-image-lint: setup
+image-lint: setup-base
 	$(VENV)/bin/hadolint image/Dockerfile
 
-manifest-check: setup
+manifest-check: setup-base
 	$(PY) scripts/check_manifest.py --mode iptables image/nodelocaldns.yaml image/nodelocaldns-api.yaml
 	$(PY) scripts/check_manifest.py --mode ipvs image/nodelocaldns.yaml
 
-unit-check: setup
+unit-check: setup-base
 	$(PY) -m pytest -q tests/unit/test_systemd_unit.py tests/unit/test_sdnotify.py
 
 ship-check: image-lint manifest-check wheel-smoke
 
-# The image: with a Docker engine (BuildKit) where one answers, else with podman as `make setup` configures it
-# (ENGINE=docker|podman to choose). IMAGE names the result.
+# The image: with a Docker engine (BuildKit) where one answers, else with podman as `make setup-image`
+# configures it (ENGINE=docker|podman to choose). IMAGE names the result.
 IMAGE ?= node-local-dns-agent:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
 image:
 	IMAGE=$(IMAGE) ENGINE=$(ENGINE) bash scripts/build-image.sh
@@ -86,7 +105,7 @@ image:
 controlplane:
 	bash scripts/setup-controlplane.sh
 
-test-controlplane: setup
+test-controlplane: setup-base controlplane
 	$(PY) -m pytest tests/integration/test_controlplane.py tests/integration/test_api_source.py \
 		tests/integration/test_manifests_apiserver.py \
 		tests/integration/test_chart.py

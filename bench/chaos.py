@@ -33,7 +33,8 @@ from harness import sandbox as sb
 from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess
 from harness.configmapdir import publish
 
-# The comment of the agent's host rules (README, "Node networking"): present only while CoreDNS is healthy.
+# The comment of the agent's host rules (docs/design.md, "Node networking"): present only while CoreDNS is
+# healthy.
 HOST_RULE_COMMENT = "host queries skip conntrack"
 STUB_NAME = f"www.{sb.STUB_DOMAIN}"
 STUB_ANSWER = sb.SERVICES.stub[STUB_NAME]
@@ -50,7 +51,8 @@ INVALID_DATA: dict[str, dict[str, str | bytes]] = {
     "not_utf8": {"stubDomains": b'{"acme.local": ["10.244.2.\xff"]}'},
     "cluster_domain": {"stubDomains": '{"cluster.local": ["10.244.2.10"]}'},
 }
-REJECTED_EVENT = "configuration rejected"  # the agent's event for a refused input (README, "The Corefile")
+# The agent's event for a refused input (docs/configuration.md, "The Corefile").
+REJECTED_EVENT = "configuration rejected"
 
 
 class XtablesLock:

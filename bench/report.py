@@ -1,8 +1,9 @@
-"""The README section and the plot, from the results JSON that ``bench.run`` writes.
+"""The benchmarks page's section and the plot, from the results JSON that ``bench.run`` writes.
 
-``python -m bench.report bench/results/results.json --readme README.md`` regenerates both without running
-anything: the section goes to ``README-section.md`` beside the JSON and, when the README has the markers,
-between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
+``python -m bench.report bench/results/results.json --doc docs/benchmarks.md`` regenerates both without
+running anything: the section goes to ``README-section.md`` beside the JSON and, when the page has the
+markers, between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` there. Links in the section are written
+for a page in ``docs/`` (the plot as ``../bench/results/sigkill.png``).
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ from bench.remote import TITLES as REMOTE_TITLES
 from bench.stale import TITLES as STALE_TITLES
 from bench.stats import ratio
 from bench.twins import TITLES as TWINS_TITLES
+from harness.nodecache import NODE_CACHE_VERSION
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 SECTION_FILE = "README-section.md"
 PLOT_FILE = "sigkill.png"
-PLOT_PATH_IN_README = "bench/results/sigkill.png"
+# The plot as the section links it: relative to docs/, where the section lives (docs/benchmarks.md).
+PLOT_PATH_IN_DOC = "../bench/results/sigkill.png"
 TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 class MarkerError(ValueError):
-    """The README lacks a section's markers, or has them out of order."""
+    """The page lacks a section's markers, or has them out of order."""
 
 
 def replace_between_markers(text: str, section: str, markers: tuple[str, str] = (BEGIN, END)) -> str:
@@ -75,7 +78,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | None = None) -> str:
+def render_section(results: Mapping[str, Any]) -> str:
     meta, med = results["meta"], results["median"]
     m = meta["machine"]
     plans = meta["plans"]
@@ -90,38 +93,35 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "the node sandbox (network namespaces for the node, a pod and kube-dns on one shared machine), so "
         "absolute figures are those of veth pairs on this machine; the comparisons are the point.",
         "",
-        "**The baseline is node-cache's behaviour, reproduced, not node-cache itself.** This project cannot "
-        "build node-cache (the Go module proxy refuses `k8s.io/dns`), so the baseline is the same agent "
-        "run with `--socket-gate=false` (node-cache's exact PREROUTING NOTRACK rule, without `-m socket`), "
-        "`--host-failover=false` (host rules kept whatever CoreDNS's health) and `--serve-stale=0` (its "
-        "Corefile's cache, without `serve_stale`), and each fault is applied "
-        "as it hits node-cache's single process (CoreDNS is compiled into it):",
+        f"**The baseline is the real node-cache {NODE_CACHE_VERSION}**, built from the upstream "
+        "kubernetes/dns tag (CoreDNS compiled in) and started as the upstream DaemonSet starts it "
+        "(`-localip` with the link-local address and the kube-dns ClusterIP, its own Corefile template with "
+        "`reload`, its kube-dns ConfigMap directory), in the same sandbox and the same run as the agent. "
+        "Each fault hits node-cache's single process:",
         "",
         "- *SIGKILL CoreDNS* kills node-cache: its rules stay behind and the ClusterIP is a blackhole until "
-        f"the kubelet restarts it, modelled as SIGKILL of agent and CoreDNS and a new agent "
-        f"{fo_plan['kubelet_delay']:g} s later (the kubelet's PLEG relists every second and restarts a "
-        "container at once the first time; CrashLoopBackOff delays later restarts from 10 s; container "
-        "start-up is not modelled, which favours the baseline).",
+        f"the kubelet restarts it. The kubelet is a model: a new node-cache starts "
+        f"{fo_plan['kubelet_delay']:g} s after the old one is gone (the kubelet's PLEG relists every second "
+        "and restarts a container at once the first time; CrashLoopBackOff delays later restarts from 10 s; "
+        "container start-up is not modelled, which favours the baseline); node-cache's own start is real.",
         "- *SIGSTOP CoreDNS* stops node-cache; nothing notices within the run (its liveness probe, an "
         "httpGet every 10 s with failureThreshold 3, takes about 30 s).",
-        "- *CoreDNS frozen*: a hang the kernel sends no stop notice for, as a deadlock: the cgroup freezer "
-        "(thawed once the agent has taken the node off the local path, since a frozen process dies of "
-        "SIGKILL only when thawed). node-cache's row is its SIGSTOP: nothing notices either.",
-        "- *Rolling restart*: SIGTERM (rules removed on the way out), then a new agent after the same delay. "
-        "The baseline agent shuts down in the agent's order (rules removed while CoreDNS still answers, "
-        "then CoreDNS stopped), so this row does not model node-cache's own shutdown: it removes its "
-        "interface, then its rules one iptables call at a time, then stops CoreDNS; what that order loses "
-        "is not measured here.",
+        "- *CoreDNS frozen*: a hang the kernel sends no stop notice for, as a deadlock: the cgroup freezer. "
+        "The agent's CoreDNS is thawed once the agent has taken the node off the local path (a frozen "
+        "process dies of SIGKILL only when thawed); node-cache stays frozen until the load ends, since "
+        "nothing notices.",
+        "- *Rolling restart*: SIGTERM (node-cache removes its interface and rules on the way out, the agent "
+        "its rules while CoreDNS still answers), then a new one after the kubelet's delay.",
         "- *Upgrade on the link-local address*: the pod's queries go to the local address, which has no "
         "kube-dns behind it (IPVS mode, or a pod's own `dnsConfig`). The agent's upgrade surges: the new "
         "agent starts next to the old one and serves on the same sockets before the old one gets SIGTERM "
-        '(README, "Upgrades"). node-cache\'s manifest cannot surge (its ports are host ports; a second '
-        "node-cache would remove the first one's rules), so its row is the rolling restart, on this address.",
-        "- *Stub-domain reload*: queries failed are measured with a SIGUSR1 reload (the in-process restart "
-        "the `reload` plugin also performs); the time until node-cache answers for the new domain is "
-        f"modelled from its ConfigMap poll (10 s) and the reload plugin's interval (30 s ± 7.5 s): "
+        "([Upgrades](upgrades.md#upgrades)). node-cache's manifest cannot surge (its ports are host ports; "
+        "a second node-cache would remove the first one's rules), so its row is the rolling restart, on this "
+        "address.",
+        "- *Stub-domain reload*: the kube-dns ConfigMap gains a stub domain; node-cache sees it through its "
+        "ConfigMap poll and its Corefile's `reload` plugin (expected "
         f"{fo_plan['stub_reload_model']['mean_s']:g} s on average, "
-        f"{fo_plan['stub_reload_model']['max_s']:g} s at most.",
+        f"{fo_plan['stub_reload_model']['max_s']:g} s at most), the agent at once; both are measured.",
         "",
         f"### Data path (dnsperf from a pod, cached names; latency at {dp_plan['latency_qps']} qps)",
         "",
@@ -175,8 +175,8 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
                    "longest gap (node-cache)", "ratio failed", "ratio gap"], rows)  # fmt: skip
     out += [
         "",
-        f"![Answers per 100 ms around a SIGKILL of CoreDNS, the agent against node-cache's behaviour]"
-        f"({PLOT_PATH_IN_README})",
+        f"![Answers per 100 ms around a SIGKILL of CoreDNS, the agent against the real node-cache]"
+        f"({PLOT_PATH_IN_DOC})",
         "",
         *_stale_rows(med.get("stale"), plans.get("stale")),
         *_twins_rows(med.get("twins"), plans.get("twins")),
@@ -185,10 +185,10 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
     ]
     c = med["cost"]
     stub = fo.get("stub_domain_reload", {}).get("ours", {}).get("stub_visible_after_s")
+    stub_nc = fo.get("stub_domain_reload", {}).get("node_cache", {}).get("stub_visible_after_s")
     sync = plans["cost"]["node_cache_sync_interval_s"]
     load_qps = plans["cost"]["load_rate"]
     idle, busy = c["idle"], c["under_load"]
-    model = fo_plan["stub_reload_model"]
     rows = [
         ["resident memory, idle", fmt(idle["rss_mib"], "MiB", 1), "—"],
         ["CPU, idle", fmt(idle["cpu_percent"], "% of a core", 2), "—"],
@@ -200,8 +200,7 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         ["`agent --check` peak resident memory", fmt(c["check"]["peak_rss_mib"], "MiB", 1), "—"],
         ["flushed rules restored after", fmt(c["restore_s"], "s", 3),
          f"≤ {sync:g} s, {sync / 2:g} s on average (its `-syncinterval` check; modelled)"],
-        ["a new stub domain answers after", fmt(stub, "s", 2),
-         f"{model['mean_s']:g} s on average, ≤ {model['max_s']:g} s (modelled)"],
+        ["a new stub domain answers after", fmt(stub, "s", 2), fmt(stub_nc, "s", 2)],
     ]  # fmt: skip
     out += table(["figure", "ours", "node-cache"], rows)
     out += [
@@ -209,8 +208,6 @@ def render_section(results: Mapping[str, Any], crosscheck: Mapping[str, Any] | N
         "node-cache has no process apart from CoreDNS (it is compiled in), so the agent's own figures have "
         "nothing to compare with; the agent is not in the data path, which is why load does not change them.",
     ]
-    if crosscheck:
-        out += ["", crosscheck_line(crosscheck)]
     out += [
         "",
         "Raw figures: `bench/results/results.json`. `make bench-quick` runs every measurement once with "
@@ -306,37 +303,8 @@ def _conntrack(r: Mapping[str, Any]) -> str:
     return fmt(tracked) if not entries or entries == tracked else f"{fmt(tracked)} ({fmt(entries)} entries)"
 
 
-def resumed_after(run: Mapping[str, Any], rate: float) -> float | None:
-    """Seconds from the restart to the first 100 ms with at least half the load answered again."""
-    restarted = run.get("restarted_at_s")
-    if restarted is None:
-        return None
-    bins = run["answers_per_100ms"]
-    for i in range(int(restarted * 10), len(bins)):
-        if bins[i] >= rate / 20:
-            return max(0.0, round((i + 1) * 0.1 - restarted, 1))
-    return None
-
-
-def crosscheck_line(cc: Mapping[str, Any]) -> str:
-    real, model = cc["real"], cc["model"]
-    back_real, back_model = resumed_after(real, cc["rate"]), resumed_after(model, cc["rate"])
-    return (
-        f"Cross-check, run once by hand ({cc['date']}): the real node-cache {cc['version']} (built outside "
-        f"this project), killed with SIGKILL under the same load and restarted {cc['kubelet_delay']:g} s "
-        f"later, lost {fmt(real['failed'])} queries with a longest gap of "
-        f"{fmt(real['longest_gap_s'], 's', 3)}; "
-        f"the reproduction, in the same kind of sandbox, lost {fmt(model['failed'])} with a gap of "
-        f"{fmt(model['longest_gap_s'], 's', 3)}. The difference is the restarted process's start-up: "
-        f"node-cache answered again within {fmt(back_real, 's', 1)} of its restart, the reproduction (a new "
-        f"agent, which first removes the rules left behind) within {fmt(back_model, 's', 1)}; so the "
-        "reproduction overstates node-cache's SIGKILL outage by that much, and the outage is mostly the "
-        "kubelet's restart delay."
-    )
-
-
 def write_plot(timeline: Mapping[str, Any], path: Path) -> None:
-    """Answers per 100 ms over time in the SIGKILL scenario, ours against node-cache's behaviour."""
+    """Answers per 100 ms over time in the SIGKILL scenario, ours against the real node-cache."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,7 +312,7 @@ def write_plot(timeline: Mapping[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
     styles = {"ours": ("agent (socket-gated rules)", "#1f77b4"),
-              "node_cache": ("node-cache behaviour (rules left behind)", "#d62728")}  # fmt: skip
+              "node_cache": (f"node-cache {NODE_CACHE_VERSION} (rules left behind)", "#d62728")}  # fmt: skip
     top = 0
     span = 0.0
     for kind, (label, colour) in styles.items():
@@ -384,31 +352,30 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(results_path: Path, readme: Path | None) -> str:
-    """Section and plot beside the results; the README updated when it has the markers. Returns a note."""
+def write_report(results_path: Path, doc: Path | None) -> str:
+    """Section and plot beside the results; the page ``doc`` updated when it has the markers. Returns a
+    note."""
     results = json.loads(results_path.read_text())
     out_dir = results_path.parent
-    cc_path = out_dir / "crosscheck.json"
-    crosscheck = json.loads(cc_path.read_text()) if cc_path.exists() else None
-    section = render_section(results, crosscheck)
+    section = render_section(results)
     write_atomically(out_dir / SECTION_FILE, section)
     write_plot(results["sigkill_timeline"], out_dir / PLOT_FILE)
     wrote = f"wrote {out_dir / SECTION_FILE} and {out_dir / PLOT_FILE}"
-    if readme is None:
+    if doc is None:
         return wrote
     try:
-        write_atomically(readme, replace_between_markers(readme.read_text(), section))
+        write_atomically(doc, replace_between_markers(doc.read_text(), section))
     except MarkerError as exc:
-        return f"{wrote}; {readme} not updated: it has {exc}"
-    return f"{wrote}, and the section in {readme}"
+        return f"{wrote}; {doc} not updated: it has {exc}"
+    return f"{wrote}, and the section in {doc}"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="bench.report")
     p.add_argument("results", type=Path, help="the results JSON written by bench.run")
-    p.add_argument("--readme", type=Path, help="rewrite this README's section between the bench markers")
+    p.add_argument("--doc", type=Path, help="rewrite this page's section between the bench markers")
     a = p.parse_args()
-    print(write_report(a.results, a.readme))
+    print(write_report(a.results, a.doc))
     return 0
 
 

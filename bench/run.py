@@ -1,7 +1,8 @@
 """``make bench`` and ``make bench-quick``: the data path, the fault matrix and the agent's cost, side by side
-with node-cache's behaviour, in node sandboxes; results as JSON, the README section and the SIGKILL plot.
+with the real node-cache, in node sandboxes; results as JSON, the benchmarks page's section and the
+SIGKILL plot.
 
-    sudo .venv/bin/python -m bench.run [--quick] [--runs N] [--out DIR] [--readme README.md]
+    sudo .venv/bin/python -m bench.run [--quick] [--runs N] [--out DIR] [--doc docs/benchmarks.md]
 
 Each repetition gets a fresh sandbox; every scenario inside it starts from a checked reset (no agent, no
 rules, no interface, empty conntrack table). Every load is bounded in rate, count and time; the sandboxes
@@ -145,7 +146,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="every measurement once, shortly (about 75 s)")
     p.add_argument("--runs", type=int, help="repetitions (default: 3 full, 1 quick)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    p.add_argument("--readme", type=Path, help="rewrite this README's section between the bench markers")
+    p.add_argument("--doc", type=Path, help="rewrite this page's section between the bench markers")
     p.add_argument("--flavour", choices=["nft", "legacy"], default="nft")
     p.add_argument("--command", default=None, help="the command to name in the report")
     a = p.parse_args()
@@ -191,7 +192,7 @@ def main() -> int:
     path = a.out / "results.json"
     report.write_atomically(path, json.dumps(out, indent=1) + "\n")
     log(f"== {runs} run(s) in {meta['seconds']}s; results in {path}")
-    log(report.write_report(path, a.readme))
+    log(report.write_report(path, a.doc))
     return 0
 
 

@@ -1,9 +1,10 @@
 """``make soak`` and ``make soak-quick``: the real agent in the node sandbox, 1000 queries a second from a
 pod, and random faults at random intervals for a fixed time; then a verdict.
 
-    sudo .venv/bin/python -m bench.soak [--quick] [--duration S] [--seed N] [--out DIR] [--readme README.md]
+    sudo .venv/bin/python -m bench.soak [--quick] [--duration S] [--seed N] [--out DIR]
+        [--doc docs/benchmarks.md]
 
-What happens (the README's soak section gives the definitions the report uses):
+What happens (the soak section of docs/benchmarks.md gives the definitions the report uses):
 
 1. A sandbox (iptables-legacy by default: only there does the xtables lock mean anything), the agent
    started with the sandbox's private ``--xtables-lock``, its steady-state rules recorded.
@@ -551,7 +552,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--logs", type=Path, default=REPO / "build" / "soak-logs",
                    help="where to keep the agents' logs (agent-N.log, one per agent process)")  # fmt: skip
-    p.add_argument("--readme", type=Path, help="rewrite this README's section between the soak markers")
+    p.add_argument("--doc", type=Path, help="rewrite this page's section between the soak markers")
     p.add_argument("--command", default=None, help="the command to name in the report")
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -564,13 +565,13 @@ def main() -> int:
     section = soakreport.render_section(results)
     report.write_atomically(a.out / SECTION_FILE, section)
     log(f"results in {path}, the section in {a.out / SECTION_FILE}, the agents' logs in {a.logs}")
-    if a.readme is not None:
+    if a.doc is not None:
         try:
-            text = report.replace_between_markers(a.readme.read_text(), section, MARKERS)
-            report.write_atomically(a.readme, text)
-            log(f"README section updated in {a.readme}")
+            text = report.replace_between_markers(a.doc.read_text(), section, MARKERS)
+            report.write_atomically(a.doc, text)
+            log(f"the soak section updated in {a.doc}")
         except report.MarkerError as exc:
-            log(f"{a.readme} not updated: it has {exc}")
+            log(f"{a.doc} not updated: it has {exc}")
     print(soakreport.summary(results), flush=True)
     return 0 if results["verdict"]["ok"] else 1
 

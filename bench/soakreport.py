@@ -1,4 +1,4 @@
-"""The soak's README section and console summary, from the results :mod:`bench.soak` writes.
+"""The soak's section of docs/benchmarks.md and console summary, from the results :mod:`bench.soak` writes.
 
 ``python -m bench.soakreport build/soak-quick/soak.json`` prints the section again without running anything.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from bench.report import fmt, table
 from bench.soakplan import TITLES
 
-# The agent's own series worth keeping from each agent's metrics (README, "Metrics").
+# The agent's own series worth keeping from each agent's metrics (docs/operations.md, "Metrics").
 METRIC_PREFIXES = (
     "coredns_nodecache_setup_errors_total",
     "nodelocaldns_agent_coredns_restarts_total",

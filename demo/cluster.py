@@ -2,7 +2,8 @@
 
 ``python -m demo.cluster [--mode iptables|nftables]`` starts the cluster (etcd, kube-apiserver,
 containerd, kubelet, kube-proxy, controller-manager, scheduler and a CoreDNS kube-dns inside the sandbox's
-namespaces), installs ``image/nodelocaldns.yaml`` as the README says, shows a pod resolving through the node's
+namespaces), installs ``image/nodelocaldns.yaml`` as docs/install.md says, shows a pod resolving through the
+node's
 cache, a force delete of the agent's pod under load, and ``kubectl delete -f``; then removes everything.
 """
 
@@ -63,7 +64,7 @@ def main() -> int:
         before = cluster.normalized_tables()
         print(f"  the client pod's query, before the install: {path_of_query(cluster)}")
 
-        say("image/nodelocaldns.yaml after the README's sed, applied with kubectl")
+        say("image/nodelocaldns.yaml after the documented sed, applied with kubectl")
         kubedns = cluster.kubectl("get", "svc", "kube-dns", "-n", "kube-system", "-o",
                                   "jsonpath={.spec.clusterIP}")  # fmt: skip
         manifests.run_sed("iptables", Path(tmp), kubedns=kubedns)

@@ -1,6 +1,7 @@
 """The built image, run by podman as the DaemonSet runs it, in a sandbox's node namespace.
 
-Everything comes from ``image/nodelocaldns.yaml`` after the README's iptables-mode sed, the way the kubelet
+Everything comes from ``image/nodelocaldns.yaml`` after the iptables-mode sed of docs/install.md, the way the
+kubelet
 would turn it into a container: the args (the image's entrypoint, the agent, is PID 1), the security context
 (capabilities dropped and added, no privilege escalation), the volumes (the node-local-dns ConfigMap's
 ``Corefile`` as ``Corefile.base`` and the kube-dns ConfigMap, both as kubelet-style directories; the xtables
@@ -28,8 +29,8 @@ from typing import Any
 from agent import __version__
 from harness import sandbox as sb
 from harness.configmapdir import publish
-from harness.waiting import poll
 from harness.manifests import objects, run_sed
+from harness.waiting import poll
 
 REPO = Path(__file__).resolve().parents[1]
 PODMAN = str(REPO / "scripts" / "podman")  # podman with the project's private configuration

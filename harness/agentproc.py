@@ -133,7 +133,7 @@ class AgentProcess:
         self._relay_wanted = relay
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         if fault is not None:  # see harness/faultinject/sitecustomize.py
-            self.env["PYTHONPATH"] += f"{os.pathsep}{REPO / 'tests' / 'faultinject'}"
+            self.env["PYTHONPATH"] += f"{os.pathsep}{REPO / 'harness' / 'faultinject'}"
             self.env["AGENT_FAULT"] = fault
         self.cgroup = cgroup
         self.dir = box.workdir / name

@@ -22,7 +22,7 @@ MODES = {"iptables": "iptables mode", "ipvs": "IPVS mode"}
 
 
 def documented_sed(mode: str) -> str:
-    """The sed command the manifest's header gives for a kube-proxy mode (the README gives the same)."""
+    """The sed command the manifest's header gives for a kube-proxy mode (docs/install.md gives the same)."""
     match = re.search(rf"^#\s+{MODES[mode]}:\s+(sed -i .*)$", MANIFEST.read_text(), re.MULTILINE)
     assert match, f"no sed instruction for {MODES[mode]} in {MANIFEST}"
     return match.group(1)

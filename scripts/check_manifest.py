@@ -3,7 +3,8 @@
 
     python scripts/check_manifest.py [--mode iptables|ipvs] [--print] [-k VERSION ...] FILE...
 
-With ``--mode`` the ``__PILLAR__`` placeholders are first replaced as the README's sed instructions for that
+With ``--mode`` the ``__PILLAR__`` placeholders are first replaced as the documented sed instructions
+(docs/install.md) for that
 kube-proxy mode do (with example addresses), so the unmodified image/nodelocaldns.yaml can be checked.
 Without it the files are checked as they are, e.g. your copy after the sed. Every object is validated
 strictly (unknown fields are errors) against each Kubernetes minor version from MIN_KUBERNETES to the newest
@@ -26,7 +27,7 @@ from kubernetes_validate.utils import all_versions
 
 MIN_KUBERNETES = "1.28"
 EXAMPLE = {"localdns": "169.254.20.10", "domain": "cluster.local", "kubedns": "10.96.0.10"}
-# The README's sed expressions, in order, per kube-proxy mode.
+# The documented sed expressions (docs/install.md), in order, per kube-proxy mode.
 SED = {
     "iptables": [
         ("__PILLAR__LOCAL__DNS__", EXAMPLE["localdns"]),

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One-command setup for a fresh machine: host tools, CoreDNS at the pinned release, the virtual environment.
-# Idempotent and quick when everything is already there.
+# The base of a fresh machine's setup (`make setup-base`): host tools, CoreDNS at the pinned release, the
+# virtual environment; all that `make demo`, the unit tests, lint and the benchmarks need. The rest of `make
+# setup` (podman and the image, the control plane, the cluster's node parts) is in scripts/setup-image.sh,
+# scripts/setup-controlplane.sh and scripts/setup-cluster.sh. Idempotent and quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,11 +51,4 @@ if [ ! -f "$stamp" ]; then
 else
   log "virtual environment up to date"
 fi
-# 4. Podman, the base images' stand-ins and the container image.
-bash scripts/setup-image.sh
-# 5. The control plane the tests run (kube-apiserver, kubectl, etcd, helm) and the node components (kubelet,
-#    kube-proxy, kube-controller-manager, kube-scheduler), cached.
-bash scripts/setup-controlplane.sh
-# 6. The cluster fixture's node parts: containerd, runc, the CNI plugins and the pause image.
-bash scripts/setup-cluster.sh
 log "done"

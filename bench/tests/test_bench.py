@@ -1,17 +1,33 @@
-"""The benchmarks' pure logic: dnsperf's output, percentiles and medians, the README section, its markers."""
+"""The benchmarks' pure logic: dnsperf's output, percentiles and medians, the section of docs/benchmarks.md,
+its markers."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.failover import SCENARIOS, stub_reload_model
-from bench.report import BEGIN, END, TIMES, MarkerError, fmt_ratio, render_section, replace_between_markers
+from bench.report import (
+    BEGIN,
+    END,
+    PLOT_FILE,
+    PLOT_PATH_IN_DOC,
+    TIMES,
+    MarkerError,
+    fmt_ratio,
+    render_section,
+    replace_between_markers,
+)
 from bench.run import sigkill_timeline
 from bench.stats import median, median_of_runs, percentile, ratio
 from harness import dnsperf
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS_PAGE = REPO / "docs" / "benchmarks.md"
+RESULTS = REPO / "bench" / "results"
 
 # dnsperf 2.10's stdout for a short -v run, as it prints it (two queries shown of the run).
 DNSPERF_OUTPUT = """DNS Performance Testing Tool
@@ -149,8 +165,16 @@ def test_the_section_has_a_row_per_fault_with_its_ratio_to_the_baseline() -> Non
     x = TIMES
     assert f"| 2 | 0.010 s | 1 500 | 1.500 s | 0.00{x} | 0.01{x} |" in section  # median baseline: 1500
     assert f"| ratio ours ÷ no local cache | 1.00{x} | 1.00{x} | 1.00{x} | 1.00{x} | 0.00{x} |" in section
-    assert "Medians of 3 runs" in section and "reproduced, not node-cache itself" in section
-    assert "(bench/results/sigkill.png)" in section
+    assert "Medians of 3 runs" in section and "The baseline is the real node-cache 1.26.7" in section
+    assert "(../bench/results/sigkill.png)" in section
+
+
+def test_the_sections_links_resolve_from_the_benchmarks_page() -> None:
+    """The section lives in docs/benchmarks.md: the plot and the pages it links are found from docs/."""
+    assert (BENCHMARKS_PAGE.parent / PLOT_PATH_IN_DOC).resolve() == RESULTS / PLOT_FILE
+    section = render_section(_results([1500, 1400, 1600]))
+    assert "([Upgrades](upgrades.md#upgrades))" in section
+    assert (BENCHMARKS_PAGE.parent / "upgrades.md").is_file()
 
 
 def test_the_plot_shows_the_run_whose_baseline_lost_the_median_number_of_queries() -> None:

@@ -1,11 +1,12 @@
 """The chaos soak's pure parts: the seeded fault schedule, the arithmetic of its report, the leak judgement
-and the verdict, the load generator's per-second stream, and the README section."""
+and the verdict, the load generator's per-second stream, and the section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -446,6 +447,16 @@ def test_a_failed_run_says_why_in_the_section_and_the_summary() -> None:
 
 def test_the_soak_section_has_markers_of_its_own() -> None:
     bench = "<!-- bench:begin -->\nbench\n<!-- bench:end -->\n"
-    readme = f"intro\n{bench}<!-- soak:begin -->\nold\n<!-- soak:end -->\n"
-    out = replace_between_markers(readme, "## Chaos soak\nnew", MARKERS)
-    assert out == readme.replace("old", "## Chaos soak\nnew")
+    page = f"intro\n{bench}<!-- soak:begin -->\nold\n<!-- soak:end -->\n"
+    out = replace_between_markers(page, "## Chaos soak\nnew", MARKERS)
+    assert out == page.replace("old", "## Chaos soak\nnew")
+
+
+def test_the_benchmarks_page_holds_the_soak_section_rendered_from_the_committed_results() -> None:
+    """make soak writes its section into docs/benchmarks.md only: the page's copy is the committed run's."""
+    repo = Path(__file__).resolve().parents[2]
+    results = json.loads((repo / "bench" / "results" / "soak.json").read_text())
+    page = (repo / "docs" / "benchmarks.md").read_text()
+    first, last = MARKERS
+    committed = page[page.index(first) + len(first) : page.index(last)]
+    assert committed.strip("\n") == render_section(results).strip("\n")

@@ -1,7 +1,7 @@
 """The shipped DaemonSet on a real single-node cluster (harness/cluster.py), kube-proxy in iptables mode and
-in nftables mode (the README's iptables-mode sed serves both).
+in nftables mode (the documented iptables-mode sed serves both).
 
-The manifest is installed as the README says (the documented sed, ``kubectl apply -f``), run by a real
+The manifest is installed as docs/install.md says (the documented sed, ``kubectl apply -f``), run by a real
 kubelet from the agent's image, and proven from a real pod: queries to the kube-dns ClusterIP are answered by
 the node's cache without a conntrack entry; a force delete of the agent's pod under load falls back to
 kube-dns; and ``kubectl delete -f`` leaves the node's packet filter as it was before the install. The tests
@@ -47,7 +47,8 @@ def before_install(cluster: Cluster) -> dict[str, str]:
 def manifest(
     cluster: Cluster, before_install: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """image/nodelocaldns.yaml after the README's iptables-mode sed, with the cluster's kube-dns ClusterIP."""
+    """image/nodelocaldns.yaml after the documented iptables-mode sed, with the cluster's kube-dns
+    ClusterIP."""
     kubedns = cluster.kubectl(
         "get", "svc", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.spec.clusterIP}"
     )
@@ -122,7 +123,7 @@ def test_manifest_after_the_documented_sed_rolls_out_ready_with_the_exec_livenes
     assert probe_results(cluster, "Readiness").get("successful", 0) >= 1
     assert agent_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
     assert f"inet {LOCAL_IP}/32" in cluster.links()
-    # The README's own check, through the API and the kubelet.
+    # The install page's own check, through the API and the kubelet.
     cluster.kubectl("-n", "kube-system", "exec", "daemonset/node-local-dns", "--", "agent", "--check")
 
 
@@ -332,7 +333,7 @@ def test_a_stub_domain_added_with_kubectl_edit_is_answered_through_the_cache_wit
 def test_the_api_source_answers_a_stub_domain_added_with_kubectl_edit_within_a_second(
     cluster: Cluster, installed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The README's optional step: the Role and RoleBinding, then the documented patch (flag and token).
+    # The install page's optional step: the Role and RoleBinding, then the documented patch (flag and token).
     cluster.kubectl("apply", "-f", str(manifests.API_RBAC))
     patch = json.dumps(manifests.documented_patch())
     cluster.kubectl("-n", "kube-system", "patch", "daemonset", "node-local-dns", "--type=json", "-p", patch)
@@ -470,7 +471,7 @@ def test_kubectl_delete_of_the_manifest_leaves_the_node_tables_as_before(
 def test_the_helm_chart_with_the_same_values_serves_and_its_uninstall_leaves_the_tables_as_before(
     cluster: Cluster, before_install: dict[str, str]
 ) -> None:
-    # After the manifest's uninstall (the test before): the chart as the README installs it.
+    # After the manifest's uninstall (the test before): the chart as docs/install.md installs it.
     assert cluster.normalized_tables() == before_install["tables"]
     kubedns = cluster.kubectl(
         "get", "svc", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.spec.clusterIP}"
