@@ -217,7 +217,7 @@ def _fill_placeholders(
         filled: list[tuple[Token, int, str]] = []
         for token in tokens:
             raw = source.text[token.start : token.end]
-            if "__PILLAR__" not in raw:
+            if "__PILLAR__" not in raw and PROMETHEUS_ENDPOINT not in raw:
                 continue
             # Before ":PORT" only one address fits (health LOCALIP:8080): the first, node-cache's link-local.
             code = raw.replace(f"{LOCAL_DNS}:", f"{_host(local_ips[0])}:")

@@ -406,3 +406,11 @@ def test_a_server_block_may_open_on_the_next_line_but_a_cache_block_may_not() ->
     template = TEMPLATE.replace("    cache {\n", "    cache\n    {\n", 1)
     with pytest.raises(CorefileError, match=r"^Corefile line \d+: the block of cache must open on its line"):
         rendered(template, serve_stale=VERIFY)
+
+
+def test_the_prometheus_endpoint_placeholder_is_filled_with_the_flag_or_its_default() -> None:
+    template = TEMPLATE.replace("prometheus :9253", "prometheus __PROMETHEUS__ENDPOINT__")
+    assert "prometheus __PROMETHEUS__ENDPOINT__" in template
+    told = rendered(template, prometheus_endpoint="127.0.0.1:9263")
+    assert "prometheus 127.0.0.1:9263\n" in told and "__PROMETHEUS__" not in told
+    assert "prometheus :9253\n" in rendered(template)
