@@ -137,7 +137,7 @@ def render_section(results: Mapping[str, Any]) -> str:
                      _conntrack(r)])  # fmt: skip
     if "ours" in dp and "node_cache" in dp:
         o, b = dp["ours"], dp["node_cache"]
-        rows.append(["ratio ours ÷ node-cache rules"] + [fmt_ratio(ratio(o[k], b[k])) for k in
+        rows.append(["ratio ours ÷ node-cache"] + [fmt_ratio(ratio(o[k], b[k])) for k in
                      ("qps", "p50_ms", "p99_ms", "p999_ms", "conntrack_per_100k")])  # fmt: skip
     if "ours" in dp and "no_agent" in dp:
         o, b = dp["ours"], dp["no_agent"]
