@@ -24,6 +24,7 @@ from agent.corefile.files import write_if_changed
 from agent.corefile.inputs import CorefileBuilder
 from agent.corefile.kubedns import KEYS as KUBEDNS_KEYS
 from agent.corefile.kubedns import KubeDnsConfig, parse_kubedns
+from agent.corefile.plugins import MissingPluginError, PluginCheck
 from agent.corefile.render import HEALTH_PROBE_NAME, PROBE_PORT_ENV
 from agent.events import ApiConfigMap, ConfigChanged, Event
 from agent.health.probe import ProbeSettings
@@ -45,6 +46,7 @@ class CorefileFiles:
     def __init__(self, settings: Settings, api_cluster_dns_ip: IPAddress | None = None) -> None:
         self.settings = settings
         self.builder = CorefileBuilder(settings, api_cluster_dns_ip=api_cluster_dns_ip)
+        self.plugins = PluginCheck(settings.coredns_binary)  # asks `coredns -plugins` once
         self.health_url: str | None = None
         self.metrics_url: str | None = None  # CoreDNS's prometheus listener, served again on the agent's port
         self._watchers: list[DirectoryWatcher | ApiConfigMapWatcher] = []
@@ -54,9 +56,20 @@ class CorefileFiles:
         if self.settings.kubedns_configmap_api is not None:
             kubedns = parse_kubedns(api_data) if api_data is not None else KubeDnsConfig()
         rendered = self.builder.build(kubedns)
+        self.plugins.check(rendered.text)  # a plugin CoreDNS lacks: rejected as any bad Corefile
         self.health_url = rendered.endpoints.health_url
         self.metrics_url = rendered.endpoints.metrics_url
         return rendered.text
+
+    def refuse_missing_plugins(self) -> None:
+        """At start: a Corefile naming a plugin CoreDNS lacks is fatal (MissingPluginError); other bad input
+        is the supervisor's to report while it waits for a good one."""
+        try:
+            self.render(None)
+        except MissingPluginError:
+            raise
+        except ConfigError:
+            pass
 
     def write(self, text: str) -> bool:
         return write_if_changed(self.settings.corefile, text)
@@ -153,6 +166,10 @@ def run_agent(settings: Settings) -> int:
     metrics = Metrics()
     try:
         supervisor, corefile = build_supervisor(settings, metrics)
+        corefile.refuse_missing_plugins()
+    except MissingPluginError as exc:  # the Corefile needs another CoreDNS build; nothing is installed yet
+        log.error("agent failed", cause=f"configuration refused at start: {exc}")
+        return EXIT_FAILED
     except Exception as exc:  # nothing is installed yet: say why, exit non-zero, be restarted
         log.error("agent failed", cause=f"unexpected error at start: {type(exc).__name__}: {exc}",
                   traceback=traceback.format_exc())  # fmt: skip

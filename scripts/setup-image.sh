@@ -134,7 +134,9 @@ else
 fi
 
 # coredns/coredns:<pinned>: FROM scratch with the pinned release (scripts/setup.sh installed it, checked) at
-# /coredns, stripped of its symbol table and debug information as release binaries are.
+# /coredns, stripped of its symbol table and debug information as release binaries are. The image takes it
+# with `COREDNS_PLUGINS=full` only; its default CoreDNS, the node-local build, comes through the build context
+# (scripts/build-image.sh).
 coredns_bin=/usr/local/bin/coredns
 "$coredns_bin" -version 2>/dev/null | grep -x "CoreDNS-${COREDNS_VERSION#v}" >/dev/null \
   || { echo "setup-image: $coredns_bin is not CoreDNS ${COREDNS_VERSION} (run scripts/setup.sh)" >&2; exit 1; }

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The base of a fresh machine's setup (`make setup-base`): host tools, CoreDNS at the pinned release, the
-# virtual environment; all that `make demo`, the unit tests, lint and the benchmarks need. The rest of `make
-# setup` (podman and the image, the control plane, the cluster's node parts) is in scripts/setup-image.sh,
-# scripts/setup-controlplane.sh and scripts/setup-cluster.sh. Idempotent and quick when everything is there.
+# The base of a fresh machine's setup (`make setup-base`): host tools, CoreDNS at the pinned release (with
+# every plugin, and with the node-local plugin set the image ships), the virtual environment; all that `make
+# demo`, the unit tests, lint and the benchmarks need. The rest of `make setup` (podman and the image, the
+# control plane, the cluster's node parts) is in scripts/setup-image.sh, scripts/setup-controlplane.sh and
+# scripts/setup-cluster.sh. Idempotent and quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 COREDNS_VERSION="$(cat image/coredns.version)"
 COREDNS_BIN=/usr/local/bin/coredns
 COREDNS_CACHE="${COREDNS_CACHE:-/var/cache/node-local-dns-agent/coredns-${COREDNS_VERSION}}"
+COREDNS_NODE_BIN=/usr/local/bin/coredns-node
+COREDNS_NODE_CACHE="${COREDNS_NODE_CACHE:-/var/cache/node-local-dns-agent/coredns-node-${COREDNS_VERSION}}"
 VENV="${VENV:-.venv}"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -36,7 +39,33 @@ else
   log "installed $($COREDNS_BIN -version | head -1) at ${COREDNS_BIN}"
 fi
 
-# 3. The virtual environment with the agent installed editable.
+# 3. CoreDNS with the node-local plugin set (image/coredns-node: the image's default CoreDNS; docs/image.md),
+#    same release, built reproducibly from the repository's module and cached under a key of its sources, so
+#    a changed plugin list rebuilds it. Installed beside the full one, which the sandbox's kube-dns servers use.
+want_node="$want"
+node_key="$(cat image/coredns-node/main.go image/coredns-node/go.mod image/coredns-node/go.sum | sha256sum | cut -c1-16)"
+if [ -x "$COREDNS_NODE_CACHE/coredns" ] && [ "$(cat "$COREDNS_NODE_CACHE/sources" 2>/dev/null)" = "$node_key" ] \
+  && [ -x "$COREDNS_NODE_BIN" ] && cmp -s "$COREDNS_NODE_CACHE/coredns" "$COREDNS_NODE_BIN"; then
+  log "coredns ${COREDNS_VERSION} (node-local plugins) present at ${COREDNS_NODE_BIN}"
+else
+  if [ ! -x "$COREDNS_NODE_CACHE/coredns" ] || [ "$(cat "$COREDNS_NODE_CACHE/sources" 2>/dev/null)" != "$node_key" ]; then
+    command -v go >/dev/null || { echo "setup: the Go toolchain is needed to build CoreDNS" >&2; exit 1; }
+    log "building coredns ${COREDNS_VERSION} with the node-local plugins (a minute or more the first time)"
+    mkdir -p "$COREDNS_NODE_CACHE"
+    # Reproducible: no cgo, no paths, no VCS stamp, no build id; symbols and DWARF left out as CoreDNS's own
+    # release builds leave them (-s -w). The module's go.sum pins every dependency (-mod=readonly).
+    (cd image/coredns-node && GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0 \
+      go build -trimpath -buildvcs=false -ldflags "-s -w -buildid=" -o "$COREDNS_NODE_CACHE/coredns.tmp" .)
+    mv -f "$COREDNS_NODE_CACHE/coredns.tmp" "$COREDNS_NODE_CACHE/coredns"
+    echo "$node_key" >"$COREDNS_NODE_CACHE/sources"
+  fi
+  install -m 0755 "$COREDNS_NODE_CACHE/coredns" "$COREDNS_NODE_BIN"
+  "$COREDNS_NODE_BIN" -version | grep -x "$want_node" >/dev/null \
+    || { echo "setup: $COREDNS_NODE_BIN is not $want_node" >&2; exit 1; }
+  log "installed $($COREDNS_NODE_BIN -version | head -1) with $($COREDNS_NODE_BIN -plugins | grep -c .) plugins at ${COREDNS_NODE_BIN}"
+fi
+
+# 4. The virtual environment with the agent installed editable.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
   python3 -m venv "$VENV"

@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "image" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 PINNED = (REPO / "image" / "coredns.version").read_text().strip()
+# Put into the build context by scripts/build-image.sh (from scripts/setup.sh's build), not in the checkout.
+NODE_LOCAL_COREDNS = "build/image/coredns-node"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -24,11 +26,15 @@ def instructions() -> list[tuple[str, str]]:
     ]
 
 
-def test_the_image_takes_coredns_from_the_official_image_at_the_pinned_release() -> None:
+def test_the_image_takes_coredns_at_the_pinned_release_node_local_by_default_full_by_build_argument() -> None:
     args = dict(a.split("=", 1) for i, a in instructions() if i == "ARG" and "=" in a)
     assert f"v{args['COREDNS_VERSION']}" == PINNED
+    assert args["COREDNS_PLUGINS"] == "node"  # the node-local build (image/coredns-node); docs/image.md
     froms = [a for i, a in instructions() if i == "FROM"]
-    assert "coredns/coredns:${COREDNS_VERSION} AS coredns" in froms
+    assert "scratch AS coredns-node" in froms
+    assert ("COPY", f"{NODE_LOCAL_COREDNS} /coredns") in instructions()
+    assert "coredns/coredns:${COREDNS_VERSION} AS coredns-full" in froms  # every plugin: the official image
+    assert "coredns-${COREDNS_PLUGINS} AS coredns" in froms
     assert ("COPY", "--from=coredns /coredns /usr/local/bin/coredns") in instructions()
 
 
@@ -60,4 +66,4 @@ def test_the_build_context_holds_exactly_what_the_dockerfile_copies() -> None:
         for source in args.split()[:-1]
     }
     assert copied == allowed
-    assert all((REPO / path).exists() for path in copied)
+    assert all((REPO / path).exists() for path in copied - {NODE_LOCAL_COREDNS})
