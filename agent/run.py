@@ -14,7 +14,6 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
 import psutil
 
@@ -174,14 +173,15 @@ def run_agent(settings: Settings) -> int:
         log.error("agent failed", cause=f"unexpected error at start: {type(exc).__name__}: {exc}",
                   traceback=traceback.format_exc())  # fmt: skip
         return EXIT_FAILED
-    server = _serve_metrics(settings, metrics, lambda: corefile.metrics_url)
+    from agent.observe.metrics_http import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(settings.metrics_listen_address, metrics, lambda: corefile.metrics_url)
+    endpoint.start()
     try:
         supervisor.install_signal_handlers()
         return supervisor.run()
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        endpoint.close()
 
 
 def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, CorefileFiles]:
@@ -213,16 +213,3 @@ def build_supervisor(settings: Settings, metrics: Metrics) -> tuple[Supervisor, 
         stop=stop,
     )
     return supervisor, corefile
-
-
-def _serve_metrics(
-    settings: Settings, metrics: Metrics, coredns_url: Callable[[], str | None]
-) -> WSGIServer | None:
-    from agent.observe.metrics_http import serve_metrics
-
-    try:
-        return serve_metrics(settings.metrics_listen_address, metrics, coredns_url)
-    except OSError as exc:
-        # DNS matters more than metrics: report and run on without them.
-        log.error("metrics not served", address=settings.metrics_listen_address, error=str(exc))
-        return None

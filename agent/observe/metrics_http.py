@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import requests
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.observe.logs import get_logger
@@ -42,22 +43,22 @@ class CoreDnsMetrics:
         self, metrics: Metrics, url: Callable[[], str | None], timeout: float = COREDNS_FETCH_TIMEOUT
     ) -> None:
         self.metrics, self.url, self.timeout = metrics, url, timeout
-        self._session = requests.Session()
-        self._lock = threading.Lock()  # a Session is not safe for concurrent use
+        # The standard library's client (prometheus_client loads it anyway): a loopback GET needs no more, and
+        # ``requests`` would add its own modules to every agent's memory. No proxy: the address is local.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def fetch(self) -> bytes:
         url = self.url()
         if url is None:
             return self._failed("no prometheus listener in the Corefile")
         try:
-            with self._lock:
-                response = self._session.get(url, timeout=self.timeout)
-        except requests.RequestException as exc:
+            with self._opener.open(url, timeout=self.timeout) as response:
+                body: bytes = response.read()
+        except urllib.error.HTTPError as exc:
+            return self._failed(f"{url} answered {exc.code}")
+        except (OSError, ValueError) as exc:  # URLError is an OSError; a malformed URL a ValueError
             return self._failed(f"{type(exc).__name__}: {exc}")
-        if response.status_code != 200:
-            return self._failed(f"{url} answered {response.status_code}")
         self.metrics.coredns_metrics_up.set(1)
-        body = response.content
         return body if body.endswith(b"\n") or not body else body + b"\n"
 
     def _failed(self, why: str) -> bytes:
@@ -103,6 +104,58 @@ def listen_address(
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     chosen = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
     return chosen[0], str(chosen[4][0]), port
+
+
+class MetricsEndpoint:
+    """The metrics listener, kept trying: when its port is taken (node-cache's, during a migration surge,
+    which does not share it), the agent serves DNS without it and binds again every ``retry`` seconds until
+    the port is free. The retrying thread owns the listener until :meth:`close`."""
+
+    def __init__(self, address: str, metrics: Metrics, coredns_url: Callable[[], str | None],
+                 retry: float = 5.0) -> None:  # fmt: skip
+        self.address, self.retry = address, retry
+        self._metrics, self._coredns_url = metrics, coredns_url
+        self._server: WSGIServer | None = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if not self._bind(first=True):
+            threading.Thread(target=self._keep_trying, name="metrics-bind", daemon=True).start()
+
+    def _bind(self, *, first: bool) -> bool:
+        try:
+            server = serve_metrics(self.address, self._metrics, self._coredns_url)
+        except OSError as exc:
+            if first:  # DNS matters more than metrics: report once and run on without them
+                log.error("metrics not served", address=self.address, error=str(exc),
+                          cause=f"cannot listen; tried again every {self.retry:g}s")  # fmt: skip
+            return False
+        with self._lock:
+            if self._closed.is_set():
+                _close(server)
+                return True
+            self._server = server
+        if not first:
+            log.info("metrics served", address=self.address, cause="the port is free again")
+        return True
+
+    def _keep_trying(self) -> None:
+        while not self._closed.wait(self.retry):
+            if self._bind(first=False):
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            server, self._server = self._server, None
+        if server is not None:
+            _close(server)
+
+
+def _close(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def serve_metrics(address: str, metrics: Metrics, coredns_url: Callable[[], str | None]) -> WSGIServer:

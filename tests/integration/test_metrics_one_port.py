@@ -4,10 +4,13 @@ current metrics (fetched at scrape time); a failed fetch is a metric of the agen
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 from harness import sandbox as sb
 from harness.agentproc import SERVICE, SERVICE_IP, AgentProcess
+from harness.waiting import poll
 
 
 def sample(text: str, name: str) -> float:
@@ -48,3 +51,46 @@ def test_the_agents_port_serves_coredns_metrics_too_and_survives_a_stopped_cored
         assert sample(text, "nodelocaldns_agent_coredns_metrics_up") == 0.0
         assert sample(text, "nodelocaldns_agent_coredns_metrics_fetch_failures_total") >= 1
         assert "coredns_build_info{" not in text and "nodelocaldns_agent_coredns_state{" in text
+
+
+def test_a_metrics_port_held_by_node_cache_is_taken_once_it_is_free() -> None:
+    """During a migration surge node-cache still listens on 9353 and does not share the port (Go's listener
+    sets no SO_REUSEPORT): the agent serves DNS without its metrics, and listens as soon as the port is free,
+    not only after a restart."""
+    holder = (
+        "import socket, sys, time\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('0.0.0.0', 9353)); s.listen()\n"
+        "print('held', flush=True); sys.stdin.read()\n"
+    )
+    with sb.Sandbox(flavour="nft") as box:
+        held = box.popen(
+            box.node, [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert held.stdout is not None and held.stdout.readline() == b"held\n"
+            with AgentProcess(box) as agent:
+                agent.wait_serving()
+                assert box.dig(box.pod(0), sb.KUBE_DNS_IP, SERVICE) == SERVICE_IP
+                assert [e for e in agent.events() if e.get("event") == "metrics not served"]
+                assert held.stdin is not None
+                held.stdin.close()  # node-cache's pod is gone
+                held.wait(timeout=5)
+                served = poll(lambda: "nodelocaldns_agent_coredns_state{" in _get(box), timeout=15)
+                assert served, agent.tail()
+                assert [e for e in agent.events() if e.get("event") == "metrics served"]
+        finally:
+            if held.poll() is None:
+                held.kill()
+                held.wait(timeout=5)
+            for pipe in (held.stdin, held.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+
+def _get(box: sb.Sandbox) -> str:
+    try:
+        return box.http_get(box.node, "http://127.0.0.1:9353/metrics")
+    except sb.SandboxError:  # not listening yet: the poll asks again
+        return ""
