@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: setup setup-base setup-image setup-cluster demo demo-cluster test test-unit test-integration lint \
-	bench bench-quick soak soak-quick clean wheel wheel-smoke image-lint manifest-check unit-check ship-check \
+	bench bench-quick bench-footprint soak soak-quick clean wheel wheel-smoke image-lint manifest-check unit-check ship-check \
 	image controlplane test-controlplane
 
 # Setting up a fresh Debian machine, in parts, each idempotent and quick once its work is done. A target
@@ -55,9 +55,15 @@ lint: setup-base
 # bench-quick` (about 75 s) runs every measurement once into build/bench-quick/ to keep the harness working.
 bench: setup-base
 	$(PY) -m bench.run --out bench/results --doc docs/benchmarks.md --command "make bench"
+	$(PY) -m bench.footprint --out bench/results --doc docs/benchmarks.md --command "make bench"
 
 bench-quick: setup-base
 	$(PY) -m bench.run --quick --out build/bench-quick --command "make bench-quick"
+	$(PY) -m bench.footprint --quick --out build/bench-quick --command "make bench-quick"
+
+# The pod's footprint alone (about 7 minutes): the section between the footprint markers of docs/benchmarks.md.
+bench-footprint: setup-base
+	$(PY) -m bench.footprint --out bench/results --doc docs/benchmarks.md --command "make bench-footprint"
 
 # Chaos soak in a node sandbox (root): the real agent under 1000 qps from a pod while seeded random faults hit
 # it. `make soak` (20 minutes) writes bench/results/soak.json and the section between the soak markers of

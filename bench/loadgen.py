@@ -81,6 +81,14 @@ class PerSecond(dnsload.Outcome):
             self._emit(SECOND_PREFIX + json.dumps(line, separators=(",", ":")))
 
 
+def read_names(spec: str) -> list[str]:
+    """``a,b,c``, or ``@FILE`` with one name per line (lists too long for one argument: the full cache's)."""
+    if spec.startswith("@"):
+        with open(spec[1:]) as f:
+            return [line.strip() for line in f if line.strip()]
+    return spec.split(",")
+
+
 def _print(line: str) -> None:
     print(line, flush=True)
 
@@ -90,11 +98,11 @@ def main() -> int:
     p.add_argument("--server", required=True)
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--duration", type=float, required=True)
-    p.add_argument("--names", required=True)
+    p.add_argument("--names", required=True, help="comma-separated, or @FILE with one name per line")
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--per-second", action="store_true", help="stream the outcomes second by second")
     a = p.parse_args()
-    names = a.names.split(",")
+    names = read_names(a.names)
     if a.per_second:
         per_second = PerSecond(a.timeout, _print)
         dnsload.run(a.server, 53, names, rate=a.rate, duration=a.duration, timeout=a.timeout,

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 from harness import nodecache
@@ -66,8 +67,10 @@ class NodeCacheServer:
         self.box = box
         self.handle: nodecache.NodeCache | None = None
 
-    def start(self, *, wait: bool, timeout: float) -> None:
-        self.handle = nodecache.start(self.box, wait=wait, timeout=timeout)
+    def start(
+        self, *, wait: bool, timeout: float, binary: str | None = None, cgroup: Path | None = None
+    ) -> None:
+        self.handle = nodecache.start(self.box, wait=wait, timeout=timeout, binary=binary, cgroup=cgroup)
 
     def _started(self) -> nodecache.NodeCache:
         if self.handle is None:
@@ -232,10 +235,33 @@ class Node:
             return self.start_agent(kind, wait=wait, timeout=timeout, extra=extra)
         if extra:
             raise BenchError(f"node-cache takes no agent flags: {list(extra)}")
+        return self.start_node_cache(wait=wait, timeout=timeout)
+
+    def start_node_cache(
+        self,
+        *,
+        wait: bool = True,
+        timeout: float = 20.0,
+        binary: str | None = None,
+        cgroup: Path | None = None,
+    ) -> NodeCacheServer:
+        """The real node-cache (``binary``: another copy of it), in ``cgroup`` when given."""
         server = NodeCacheServer(self.box)
         self.agents.append(server)
-        server.start(wait=wait, timeout=timeout)
+        server.start(wait=wait, timeout=timeout, binary=binary, cgroup=cgroup)
         return server
+
+    def start_pod_like_agent(
+        self, *, coredns: str, cgroup: Path, python: str, timeout: float = 20.0
+    ) -> AgentProcess:
+        """The agent as a container runs it: in ``cgroup``, with ``python`` (the runtime dependencies only)
+        and the CoreDNS binary ``coredns``."""
+        agent = AgentProcess(self.box, name=f"pod-{next(self._names)}", cgroup=cgroup, python=python,
+                             extra=["--coredns-binary", coredns])  # fmt: skip
+        self.agents.append(agent)
+        agent.start()
+        agent.wait_serving(timeout)
+        return agent
 
     def kill_agent_and_coredns(self, agent: Server, signum: int = signal.SIGKILL) -> list[int]:
         """Signal the agent and its CoreDNS at once (node-cache is one process: CoreDNS is compiled in)."""

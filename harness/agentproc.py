@@ -125,9 +125,12 @@ class AgentProcess:
         cgroup: Path | None = None,
         fault: str | None = None,
         relay: bool = False,
+        python: str | None = None,
     ) -> None:
         """``relay``: the agent's stdout is a pipe to a ``cat`` that appends to the log (``self.relay``), so a
-        test can stall the reader of the agent's output (SIGSTOP) as a slow log pipeline would."""
+        test can stall the reader of the agent's output (SIGSTOP) as a slow log pipeline would. ``python``:
+        the interpreter to run the agent with (default this one), e.g. one with only the runtime
+        dependencies."""
         self.box = box
         self.relay: subprocess.Popen[bytes] | None = None
         self._relay_wanted = relay
@@ -144,7 +147,7 @@ class AgentProcess:
         self.log_path = self.dir / "agent.log"
         self.status_file = self.dir / "status.json"
         self.argv = [
-            sys.executable, "-m", "agent",
+            python or sys.executable, "-m", "agent",
             "-localip", ",".join(self.local_ips),
             "-basecorefile", str(TEMPLATE),
             "-conf", str(box.workdir / "Corefile"),

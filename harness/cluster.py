@@ -223,7 +223,7 @@ def leftovers(run_ids: set[str]) -> list[str]:
 
 def remove_leftovers_of(run_ids: set[str]) -> None:
     for run_id in run_ids:
-        _remove_cgroups(f"/{sb.PREFIX}-{run_id}")
+        remove_cgroups(f"/{sb.PREFIX}-{run_id}")
 
 
 def _cgroup_dirs(root: str) -> list[Path]:
@@ -236,7 +236,7 @@ def _cgroup_dirs(root: str) -> list[Path]:
     return sorted(dirs, key=lambda d: len(d.parts), reverse=True)
 
 
-def _remove_cgroups(root: str, timeout: float = 20) -> None:
+def remove_cgroups(root: str, timeout: float = 20) -> None:
     """Kill every process in cgroup ``root`` (all hierarchies) and remove its directories (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,7 +332,7 @@ class Cluster(sb.Run):
                     proc.wait(timeout=10)
         errors: list[str] = []
         try:
-            _remove_cgroups(self.cgroup_root)
+            remove_cgroups(self.cgroup_root)
         except ClusterError as exc:
             errors.append(str(exc))
         if self._netns_added:

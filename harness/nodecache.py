@@ -202,11 +202,13 @@ def start(
     extra_args: Sequence[str] = (),
     wait: bool = True,
     timeout: float = 15,
+    cgroup: Path | None = None,
 ) -> NodeCache:
     """Start node-cache in ``box``'s node namespace with the upstream manifest's arguments; wait until it is
     ready unless ``wait`` is false. ``stub_domains`` becomes the kube-dns ConfigMap's ``stubDomains``. With
     ``setup_interface`` false, node-cache runs with ``-setupinterface=false`` and the addresses are put on the
-    bridge here (then SIGTERM leaves the interface alone)."""
+    bridge here (then SIGTERM leaves the interface alone). With ``cgroup`` (a cgroup v1 directory), node-cache
+    starts inside it, as in a container of its own."""
     path = binary or NODE_CACHE_BINARY
     reason = unavailable(path)
     if reason:
@@ -243,7 +245,14 @@ def start(
     }
     log = (workdir / "node-cache.log").open("ab")
     try:
-        process = box.popen(box.node, argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+        if cgroup is None:
+            process = box.popen(
+                box.node, argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir)
+            )
+        else:  # enter the cgroup outside the namespace (`ip netns exec` remounts /sys), then exec: same pid
+            enter = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
+            process = subprocess.Popen([*enter, "ip", "netns", "exec", box.node, *argv], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=str(workdir))  # fmt: skip
     except BaseException:
         log.close()
         raise
