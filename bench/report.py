@@ -198,8 +198,7 @@ def render_section(results: Mapping[str, Any]) -> str:
         ["start to the first answer of the local cache", fmt(c["first_answer_s"], "s", 2), "—"],
         ["`agent --check` wall time", fmt(c["check"]["wall_ms"], "ms", 1), "—"],
         ["`agent --check` peak resident memory", fmt(c["check"]["peak_rss_mib"], "MiB", 1), "—"],
-        ["flushed rules restored after", fmt(c["restore_s"], "s", 3),
-         f"≤ {sync:g} s, {sync / 2:g} s on average (its `-syncinterval` check; modelled)"],
+        ["flushed rules restored after", fmt(c["restore_s"], "s", 3), _node_cache_restore(c, sync)],
         ["a new stub domain answers after", fmt(stub, "s", 2), fmt(stub_nc, "s", 2)],
     ]  # fmt: skip
     out += table(["figure", "ours", "node-cache"], rows)
@@ -214,6 +213,12 @@ def render_section(results: Mapping[str, Any]) -> str:
         "short durations (CI keeps the harness working with it; it does not judge figures).",
     ]
     return "\n".join(out) + "\n"
+
+
+def _node_cache_restore(c: Mapping[str, Any], sync: float) -> str:
+    """node-cache's restore of flushed rules, measured: it comes with its `-syncinterval` check."""
+    longest = fmt(c["node_cache_restore_max_s"], "s", 1)
+    return f"{fmt(c['node_cache_restore_s'], 's', 1)} (median; longest {longest}: its check every {sync:g} s)"
 
 
 def _remote_rows(remote: Mapping[str, Any] | None, plan: Mapping[str, Any] | None) -> list[str]:

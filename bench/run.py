@@ -66,6 +66,7 @@ QUICK = Mode(
         start_repeats=1,
         check_repeats=3,
         restore_repeats=1,
+        node_cache_restore_repeats=1,
     ),
     remote.RemotePlan(seconds=0.5, latency_qps=1000, settle=0.5),
     stale.StalePlan(outage=2.0),
