@@ -1,10 +1,9 @@
-"""The agent's own cost: memory and CPU of the agent process alone (not CoreDNS), idle and while pods query
-the cache; the time from start to the first answer of the local cache; ``agent --check`` (the liveness
-probe, run every few seconds on every node); and the time to restore flushed rules, the agent's and the real
-node-cache's (with its default ``-syncinterval``, as the upstream manifest runs it).
+"""The agent's own cost: the time from start to the first answer of the local cache; ``agent --check`` (the
+liveness probe, run every few seconds on every node); and the time to restore flushed rules, the agent's and
+the real node-cache's (with its default ``-syncinterval``, as the upstream manifest runs it).
 
-The agent is not in the data path, so its cost under load should equal its idle cost; CoreDNS's memory is
-reported beside it for scale only.
+The agent's memory and CPU, idle and under load, beside its CoreDNS and node-cache, are the footprint
+benchmark's (bench/footprint.py).
 """
 
 from __future__ import annotations
@@ -20,14 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.node import SERVICE, BenchError, Node, python_in, spawn
 from bench.stats import median
 from harness import sandbox as sb
 from harness.agentproc import REPO, AgentProcess
 
-MIB = 1024 * 1024
 # node-cache re-checks its rules every -syncinterval (default 60 s; the upstream manifest keeps it), so a
 # flushed rule set is back after a wait anywhere in [0, 60 s): each sample waits up to this much and more.
 NODE_CACHE_SYNC_INTERVAL = 60.0
@@ -35,10 +31,6 @@ NODE_CACHE_SYNC_INTERVAL = 60.0
 
 @dataclass(frozen=True)
 class CostPlan:
-    settle_seconds: float = 2.0  # after serving, before the idle window: past the start-up work
-    idle_seconds: float = 30.0
-    load_seconds: float = 10.0
-    load_rate: float = 1000.0
     start_repeats: int = 3
     check_repeats: int = 20
     restore_repeats: int = 5
@@ -54,16 +46,6 @@ def measure(node: Node, plan: CostPlan, log: Callable[[str], None]) -> dict[str,
         out["serving_s"] = round(median(s["serving_s"] for s in starts), 3)
         log(f"  start to first answer {out['first_answer_s']}s (serving: {out['serving_s']}s)")
         agent = node.start_agent("ours")
-        time.sleep(plan.settle_seconds)
-        out["idle"] = usage(agent, plan.idle_seconds)
-        log(f"  idle: {_usage_line(out['idle'])}")
-        load = node.load(rate=plan.load_rate, duration=plan.load_seconds)
-        load.started()
-        out["under_load"] = usage(agent, plan.load_seconds - 0.5)
-        summary = load.result()
-        out["under_load"]["load_qps"] = plan.load_rate
-        out["under_load"]["load_failed"] = summary["failed"]
-        log(f"  under {plan.load_rate:g} qps: {_usage_line(out['under_load'])}")
         out["check"] = check_cost(agent, plan.check_repeats, node.box.workdir)
         log(f"  agent --check: {out['check']['wall_ms']} ms, peak {out['check']['peak_rss_mib']} MiB")
         out["restore_s"] = round(median(restore_time(node) for _ in range(plan.restore_repeats)), 3)
@@ -99,30 +81,6 @@ def start_to_first_answer(node: Node) -> dict[str, float]:
         raise BenchError("the local cache never answered the poller")
     node.reset()
     return {"first_answer_s": answered - began, "serving_s": serving}
-
-
-def usage(agent: AgentProcess, seconds: float) -> dict[str, Any]:
-    """CPU share (of one core) and resident memory of the agent process alone over ``seconds``; CoreDNS's
-    resident memory at the end, for scale."""
-    proc = psutil.Process(agent.agent_pid())
-    rss: list[int] = []
-    before, began = proc.cpu_times(), time.monotonic()
-    deadline = began + seconds
-    while time.monotonic() < deadline:
-        rss.append(proc.memory_info().rss)
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    after, wall = proc.cpu_times(), time.monotonic() - began
-    cpu = (after.user - before.user) + (after.system - before.system)
-    coredns = agent.coredns_pid()
-    coredns_rss = psutil.Process(coredns).memory_info().rss if coredns is not None else None
-    return {
-        "seconds": round(wall, 1),
-        "cpu_percent": round(cpu / wall * 100, 3),
-        "rss_mib": round(median(rss) / MIB, 1),
-        "peak_rss_mib": round(max(rss) / MIB, 1),
-        "threads": proc.num_threads(),
-        "coredns_rss_mib": round(coredns_rss / MIB, 1) if coredns_rss is not None else None,
-    }
 
 
 def check_cost(agent: AgentProcess, repeats: int, workdir: Path) -> dict[str, Any]:
@@ -186,10 +144,6 @@ def restore_time(node: Node, within: float = 10.0) -> float:
             return took
         time.sleep(0.01)
     raise BenchError(f"flushed rules were not restored within {within:g}s")
-
-
-def _usage_line(u: dict[str, Any]) -> str:
-    return f"{u['cpu_percent']}% of a core, RSS {u['rss_mib']} MiB (CoreDNS {u['coredns_rss_mib']} MiB)"
 
 
 def plan_dict(plan: CostPlan) -> dict[str, Any]:

@@ -60,9 +60,6 @@ QUICK = Mode(
     datapath.DatapathPlan(seconds=0.5, latency_qps=2000, conntrack_rate=1000.0, conntrack_seconds=0.5),
     failover.FailoverPlan(duration=1.5, fault_at=0.5),
     cost.CostPlan(
-        settle_seconds=0.5,
-        idle_seconds=1.0,
-        load_seconds=1.5,
         start_repeats=1,
         check_repeats=3,
         restore_repeats=1,

@@ -135,7 +135,6 @@ def _results(baseline_failed: list[int]) -> dict[str, Any]:
     ]
     path = {"qps": 40000.0, "p50_ms": 0.1, "p99_ms": 0.3, "p999_ms": 1.0, "conntrack_per_100k": 0}
     no_agent = {**path, "conntrack_per_100k": 99000}
-    usage = {"rss_mib": 48.0, "cpu_percent": 0.1, "coredns_rss_mib": 54.0}
     return {
         "meta": {
             "command": "make bench", "date": "2026-01-01 00:00 UTC", "runs": len(runs), "flavour": "nft",
@@ -151,7 +150,7 @@ def _results(baseline_failed: list[int]) -> dict[str, Any]:
         "median": {
             "datapath": {"ours": path, "node_cache": path, "no_agent": no_agent, "ceiling": path},
             "failover": median_of_runs([r["failover"] for r in runs]),
-            "cost": {"idle": usage, "under_load": usage, "first_answer_s": 0.5, "restore_s": 0.02,
+            "cost": {"first_answer_s": 0.5, "restore_s": 0.02,
                      "node_cache_restore_s": 31.2, "node_cache_restore_max_s": 52.7,
                      "check": {"wall_ms": 50.0, "peak_rss_mib": 22.0}},
         },
