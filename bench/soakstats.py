@@ -118,11 +118,10 @@ class LeakLimits:
     """How much an agent process may grow from its baseline to its end before it counts as a leak.
 
     The baseline is its first ``window`` quiet moments after its warm-up, the end its last ``window`` (never
-    overlapping). Threads and open fds are counts a steady agent returns to, give or take what it reopens
-    lazily (its /health connection is closed when CoreDNS dies and opened again at the next 2-second health
-    round, so a quiet moment just after a recovery can read one fd fewer): they are compared as the fewest
-    at the end against the most at the baseline, and any growth is a leak; a leak raises every later
-    reading, so one descriptor per fault still shows in the quick run. Resident memory moves without
+    overlapping). Threads and open fds are counts a steady agent returns to, give or take a probe's or a
+    scrape's connection open at the moment of the reading (it holds none between them): they are compared
+    as the fewest at the end against the most at the baseline, and any growth is a leak; a leak raises every
+    later reading, so one descriptor per fault still shows in the quick run. Resident memory moves without
     leaking (the allocator keeps freed arenas, the interpreter's caches fill), so its medians are compared
     with a margin: ``rss_mib`` or ``rss_fraction`` of the baseline, whichever is larger. Measured when it
     was set: one agent through 35 faults in 5 minutes went from 43.0 to 44.1 MiB in a few steps, +0.6 MiB

@@ -178,7 +178,10 @@ def _exchange(
 
 
 class HealthEndpoint:
-    """CoreDNS's /health over one kept-alive HTTP connection (http.client: a fraction of requests' cost)."""
+    """CoreDNS's /health, one connection per probe (http.client: a fraction of requests' cost). Not kept
+    alive between probes: a kept connection belongs to whichever CoreDNS of the shared port accepted it (the
+    old one's, in a surge, which then fails the new agent's probe as it leaves), and it would make the
+    agent's open descriptors depend on when CoreDNS last restarted."""
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -191,6 +194,7 @@ class HealthEndpoint:
             self._connection.request("GET", self.path)
             response = self._connection.getresponse()
             response.read()
+            self._connection.close()
         except TimeoutError:
             self._connection.close()
             detail = f"{self.url}: no answer within {self.timeout}s"
